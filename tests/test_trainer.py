@@ -1,0 +1,80 @@
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_train.config import load_config
+from dpo_train.trainer import lr_lambda, train
+
+KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+        "logps/rejected", "grad_norm", "lr", "tokens/s"}
+
+
+def tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides):
+    train_path, eval_path = tiny_data
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""
+model: {{name_or_path: {tiny_model_dir}}}
+data: {{train: {train_path}, eval: {eval_path}, max_length: 64, max_prompt_length: 32}}
+loss: {{beta: 0.1}}
+train: {{output_dir: {tmp_path / 'run'}, per_device_batch_size: 4, grad_accum_steps: 2, learning_rate: 1e-3,
+         max_steps: 8, eval_every: 4, eval_max_new_tokens: 3, seed: 0}}
+""")
+    return load_config(path, list(overrides))
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_data):
+    config = tiny_config(tmp_path, tiny_model_dir, tiny_data)
+    results = train(config)
+    run = tmp_path / "run"
+    records = read_metrics(run)
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(8))
+    assert all(KEYS <= set(r) for r in train_records)
+    assert abs(train_records[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 0
+    assert train_records[0]["rewards/margins"] == 0.0
+    eval_records = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in eval_records] == [4, 8] and all(k.startswith("eval/") for k in eval_records[0] if k != "step")
+    assert results["reference"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert results["policy"]["loss"] < math.log(2)  # the policy moved toward the chosen answers
+    assert 0.0 <= results["policy"]["exact_answer_accuracy"] <= 1.0
+    assert json.loads((run / "eval_results.json").read_text())["policy"]["loss"] == results["policy"]["loss"]
+    assert load_config(run / "config.yaml").to_dict() == config.to_dict()
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    assert not torch.equal(model.lm_head.weight, AutoModelForCausalLM.from_pretrained(tiny_model_dir).lm_head.weight)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_same_seed_same_weights(tmp_path, tiny_model_dir, tiny_data):
+    weights = []
+    for name in ("a", "b"):
+        config = tiny_config(tmp_path, tiny_model_dir, tiny_data, f"train.output_dir={tmp_path / name}",
+                             "train.max_steps=3", "data.eval=null")
+        train(config)
+        weights.append(AutoModelForCausalLM.from_pretrained(tmp_path / name / "final").state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_reference_free_runs_without_a_reference(tmp_path, tiny_model_dir, tiny_data):
+    config = tiny_config(tmp_path, tiny_model_dir, tiny_data, "loss.reference_free=true", "train.max_steps=2")
+    results = train(config)
+    assert set(results) == {"policy"}
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["rewards/chosen"] == pytest.approx(0.1 * first["logps/chosen"])  # reference log-probs are 0
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    values = [lr_lambda(s, warmup_steps=4, total_steps=20) for s in range(21)]
+    assert values[:4] == [0.2, 0.4, 0.6, 0.8] and values[4] == 1.0
+    assert all(a >= b for a, b in zip(values[4:], values[5:])) and values[20] == 0.0
