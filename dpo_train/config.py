@@ -65,7 +65,8 @@ class TrainConfig:
     epochs: int = 1
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end
-    save_every: int = 0  # 0: save only the final model
+    save_every: int = 0  # optimizer steps between checkpoints; 0: save only the final model
+    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     eval_max_new_tokens: int = 32  # greedy generation for eval rows that carry an `answer`
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
 
@@ -170,7 +171,7 @@ def _validate(config: Config, path: Path) -> None:
     check(d.max_length > d.max_prompt_length, "data.max_length",
           f"must be > data.max_prompt_length ({d.max_prompt_length}) so every completion keeps a token",
           d.max_length)
-    for key in ("per_device_batch_size", "grad_accum_steps", "epochs", "log_every"):
+    for key in ("per_device_batch_size", "grad_accum_steps", "epochs", "log_every", "keep_last"):
         check(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
     for key in ("warmup_steps", "eval_every", "save_every", "eval_max_new_tokens", "num_threads"):
         check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
@@ -179,3 +180,19 @@ def _validate(config: Config, path: Path) -> None:
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def describe() -> str:
+    """Every config key with its type and default, one per line (for --help)."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        for f, hint in zip(dataclasses.fields(cls), typing.get_type_hints(cls).values()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            args = typing.get_args(hint)
+            if typing.get_origin(hint) is Literal:
+                kind = " | ".join(args)
+            else:
+                kind = " or ".join("null" if a is type(None) else a.__name__ for a in args or (hint,))
+            lines.append(f"{section.name}.{f.name}  ({kind}, default {default!r})")
+    return "\n".join(lines)

@@ -41,6 +41,14 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
 
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def truncate(self, size: int) -> None:
+        """Forget every record written after the log was `size` bytes long (resume)."""
+        with self.path.open("a") as f:
+            f.truncate(size)
+
     def write(self, step: int, values: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")

@@ -20,7 +20,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import save_final
+from .checkpoint import STATE, StopSignals, Stopped, resume_point, save_checkpoint, save_final
 from .config import Config, save_config
 from .data import build_dataset, collate
 from .evaluate import exact_match, generate, preference_metrics
@@ -48,22 +48,36 @@ def training_step(policy, reference, batch, loss_fn):
     return losses.mean(), sums
 
 
-def train(config: Config) -> dict:
-    """Run one DPO training job; returns the final held-out metrics (empty without eval data)."""
+def stop_requested(accelerator, stop: StopSignals) -> bool:
+    """True on every process once any process has received SIGTERM/SIGINT."""
+    if accelerator.num_processes == 1:
+        return stop.received is not None
+    flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def train(config: Config, resume: str | None = None, force_resume: bool = False) -> dict:
+    """Run one DPO training job; returns the final held-out metrics (empty without eval data).
+
+    `resume`: None starts fresh; "auto" continues from the newest complete checkpoint in
+    output_dir (or starts fresh, saying so); a path continues from that checkpoint.
+    """
     m, d, l, t = config.model, config.data, config.loss, config.train
     # --- setup ---
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    log = accelerator.print
+    out, checkpoints = Path(t.output_dir), Path(t.output_dir) / "checkpoints"
+    start = resume_point(out, resume, force_resume, config.to_dict(), log)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     set_seed(t.seed)
-    out = Path(t.output_dir)
-    log = accelerator.print
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         log("Resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))
         save_config(config, out / "config.yaml")
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        if start is None:
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
 
     with accelerator.main_process_first():  # the first process fills the GGUF and datasets caches
         tokenizer = load_tokenizer(m.name_or_path)
@@ -71,6 +85,7 @@ def train(config: Config) -> dict:
                            max_prompt_length=d.max_prompt_length)
         train_set, _, train_stats = tokenize(d.train, d.train_split)
         eval_set, eval_rows, eval_stats = tokenize(d.eval, d.eval_split) if d.eval else (None, None, None)
+        # The reference always comes from the original model, never from a checkpoint.
         policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype,
                                                       need_reference=not l.reference_free)
     log(f"train data: {train_stats}")
@@ -90,50 +105,78 @@ def train(config: Config) -> dict:
     # Stepped by hand once per optimizer update, so the schedule counts updates on any number of processes.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer, partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
+    accelerator.register_for_checkpointing(scheduler)
     loss_fn = partial(LOSSES[l.type], beta=l.beta, reference_free=l.reference_free)
     evaluate = partial(preference_metrics, accelerator, loss_fn=loss_fn)
     metrics_log = MetricsLog(out / "metrics.jsonl")
+    state = {"step": 0, "epoch": 0, "batches_done": 0}  # batches_done: micro-batches into `epoch`
+    if start is not None:
+        accelerator.load_state(start)  # weights, optimizer, scheduler, RNG states of every process
+        state = json.loads((start / STATE).read_text())
+        if accelerator.is_main_process:
+            metrics_log.truncate(state["metrics_bytes"])  # drop records written after the checkpoint
+        log(f"Resumed from {start} at step {state['step']}")
     log(f"{len(train_set)} train pairs, {total_steps} optimizer steps of "
         f"{t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes} pairs")
 
+    def save(step: int) -> Path:
+        state = {"step": step, "epoch": epoch, "batches_done": batches_done,
+                 "metrics_bytes": metrics_log.size() if accelerator.is_main_process else 0}
+        path = save_checkpoint(accelerator, checkpoints, step, state,
+                               yaml.safe_dump(config.to_dict(), sort_keys=False), t.keep_last)
+        log(f"Saved checkpoint {path}")
+        return path
+
     # --- train ---
-    step, epoch, window, tokens, t0 = 0, 0, None, 0, time.perf_counter()
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_main_process)
-    while step < total_steps:
-        train_loader.set_epoch(epoch)
-        for batch in train_loader:
-            with accelerator.accumulate(policy):
-                loss, sums = training_step(policy, reference, batch, loss_fn)
-                accelerator.backward(loss)  # accelerate divides by grad_accum_steps
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            window, tokens = add(window, sums), tokens + batch["num_tokens"]
-            if not accelerator.sync_gradients:
-                continue
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if step % t.log_every == 0 or step == total_steps - 1:
-                totals = accelerator.reduce({**window, "tokens": tokens}, reduction="sum")
-                elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
-                record = {**means({k: v for k, v in totals.items() if k != "tokens"}),
-                          "grad_norm": grad_norm.item(), "lr": lr, "tokens/s": totals["tokens"].item() / elapsed}
-                if accelerator.is_main_process:
-                    metrics_log.write(step, record)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                                         margin=f"{record['rewards/margins']:.3f}")
-                window, tokens = None, 0
-            step += 1
-            progress.update(1)
-            if eval_loader and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                record = evaluate(policy, reference, eval_loader, prefix="eval/")
-                if accelerator.is_main_process:
-                    metrics_log.write(step, record)
-                t0 = time.perf_counter()  # tokens/s measures training only
-            if step >= total_steps:
-                break
-        epoch += 1
+    step, epoch = state["step"], state["epoch"]
+    window, tokens, t0 = None, 0, time.perf_counter()
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+    with StopSignals() as stop:
+        while step < total_steps:
+            skip, batches_done = (state["batches_done"], state["batches_done"]) if epoch == state["epoch"] else (0, 0)
+            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            loader.set_epoch(epoch)  # the seeded sampler's order depends on (seed, epoch) only
+            for batch in loader:
+                batches_done += 1
+                with accelerator.accumulate(policy):
+                    loss, sums = training_step(policy, reference, batch, loss_fn)
+                    accelerator.backward(loss)  # accelerate divides by grad_accum_steps
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                window, tokens = add(window, sums), tokens + batch["num_tokens"]
+                if not accelerator.sync_gradients:
+                    continue
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                if step % t.log_every == 0 or step == total_steps - 1:
+                    totals = accelerator.reduce({**window, "tokens": tokens}, reduction="sum")
+                    elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+                    record = {**means({k: v for k, v in totals.items() if k != "tokens"}),
+                              "grad_norm": grad_norm.item(), "lr": lr,
+                              "tokens/s": totals["tokens"].item() / elapsed}
+                    if accelerator.is_main_process:
+                        metrics_log.write(step, record)
+                        progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                             margin=f"{record['rewards/margins']:.3f}")
+                    window, tokens = None, 0
+                step += 1
+                progress.update(1)
+                pause = time.perf_counter()  # evaluation and saving don't count toward tokens/s
+                if eval_loader and t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                    record = evaluate(policy, reference, eval_loader, prefix="eval/")
+                    if accelerator.is_main_process:
+                        metrics_log.write(step, record)
+                stopping = stop_requested(accelerator, stop) and step < total_steps
+                if stopping or (t.save_every and step % t.save_every == 0 and step < total_steps):
+                    path = save(step)
+                if stopping:
+                    raise Stopped(stop.received or "a signal to another process", path)
+                t0 += time.perf_counter() - pause
+                if step >= total_steps:
+                    break
+            epoch += 1
     progress.close()
 
     # --- evaluate and save ---
