@@ -41,7 +41,7 @@ CAPITALS = {
     "Cyprus": "Nicosia", "Malta": "Valletta", "Luxembourg": "Luxembourg", "Bhutan": "Thimphu",
     "Myanmar": "Naypyidaw", "Mali": "Bamako", "Niger": "Niamey", "Chad": "N'Djamena", "Cameroon": "Yaounde",
 }
-KINDS = ("verbose", "wrong", "both", "country")
+KINDS = ("wrong", "both", "country")
 QUESTIONS = [
     "What is the capital of {country}? Answer with the city name only.",
     "Name the capital city of {country}. Reply with one word or name, nothing else.",
@@ -57,6 +57,8 @@ def make_pair(rng: random.Random, country: str, capital: str, wrong_kind: str) -
     """One preference pair; `wrong_kind` is 'verbose' (right city, ignores the format),
     'wrong' (one word, wrong city), 'both' (a sentence naming the wrong city) or 'country'
     (repeats the country instead of naming its capital)."""
+    if wrong_kind == "country" and country == capital:  # Singapore, Luxembourg: no such mistake to make
+        wrong_kind = "wrong"
     other = rng.choice([c for c in CAPITALS.values() if c != capital])
     city = capital if wrong_kind == "verbose" else other
     if wrong_kind in ("wrong", "country"):
