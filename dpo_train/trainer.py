@@ -65,7 +65,8 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     m, d, l, t = config.model, config.data, config.loss, config.train
     # --- setup ---
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              cpu=not torch.accelerator.is_available())  # lets torchrun on CPU use gloo
     log = accelerator.print
     out, checkpoints = Path(t.output_dir), Path(t.output_dir) / "checkpoints"
     start = resume_point(out, resume, force_resume, config.to_dict(), log)
