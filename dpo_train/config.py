@@ -32,6 +32,7 @@ class ModelConfig:
     name_or_path: str = EMBEDDED_MODEL  # hub id, local HF directory, .gguf file, or pkg://package/file
     ref_name_or_path: Optional[str] = None  # frozen reference; defaults to name_or_path
     dtype: DType = "float32"
+    precompute_reference: bool = False  # one no-grad pass before training, cached; then only the policy is held
 
 
 @dataclass

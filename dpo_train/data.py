@@ -162,5 +162,9 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[i, len(prompt):n] = torch.tensor(completion)
         attention_mask[i, :n] = 1
     num_tokens = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "num_tokens": torch.tensor(num_tokens)}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "num_tokens": torch.tensor(num_tokens)}
+    for key in ("reference_chosen_logps", "reference_rejected_logps"):  # present when precomputed: (B,)
+        if key in pairs[0]:
+            batch[key] = torch.tensor([p[key] for p in pairs])
+    return batch

@@ -36,10 +36,14 @@ def policy_and_reference_logps(policy: torch.nn.Module, reference: torch.nn.Modu
                                batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """(policy_chosen, policy_rejected, reference_chosen, reference_rejected) log-probs, each (B,).
 
-    The reference runs without gradients. With no reference model (a reference-free loss) its
-    log-probs are zeros, which makes the rewards beta * policy log-probs.
+    The reference runs without gradients. Precomputed reference log-probs in the batch are used
+    as they are. With neither (a reference-free loss) they are zeros, which makes the rewards
+    beta * policy log-probs.
     """
     policy_chosen_logps, policy_rejected_logps = concatenated_forward(policy, batch)
+    if "reference_chosen_logps" in batch:
+        return (policy_chosen_logps, policy_rejected_logps, batch["reference_chosen_logps"],
+                batch["reference_rejected_logps"])
     if reference is None:
         zeros = torch.zeros_like(policy_chosen_logps).detach()
         return policy_chosen_logps, policy_rejected_logps, zeros, zeros

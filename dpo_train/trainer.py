@@ -27,7 +27,8 @@ from .evaluate import exact_match, generate, preference_metrics
 from .logps import policy_and_reference_logps
 from .losses import LOSSES
 from .metrics import MetricsLog, add, means, pair_metrics
-from .models import load_policy_and_reference, load_tokenizer
+from . import reference as precomputed
+from .models import cache_dir, load_policy_and_reference, load_tokenizer
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -94,6 +95,13 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         log(f"eval data: {eval_stats}")
 
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    if m.precompute_reference and reference is not None:
+        reference.to(accelerator.device)
+        attach = partial(precomputed.attach, accelerator, reference, collate_fn=collate_fn,
+                         batch_size=t.per_device_batch_size, cache_dir=cache_dir(), log=log)
+        train_set = attach(train_set)
+        eval_set = attach(eval_set) if eval_set is not None else None
+        reference = None  # freed: training now holds one model
     train_loader = DataLoader(train_set, batch_size=t.per_device_batch_size, shuffle=True, collate_fn=collate_fn)
     eval_loader = None
     if eval_set is not None:

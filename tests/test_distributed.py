@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -35,12 +36,19 @@ def weights(run):
     return load_file(run / "final" / "model.safetensors")
 
 
-def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_dir, tiny_data):
+@pytest.mark.parametrize("precompute", ["false", "true"])
+def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_dir, tiny_data, precompute,
+                                                           monkeypatch):
     """2 processes x 4 pairs == 1 process x 4 pairs x 2 accumulation steps: each optimizer step sees
-    the same 8 pairs (consecutive batches of one seeded order) and averages the same gradients."""
-    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, "train.grad_accum_steps=2",
+    the same 8 pairs (consecutive batches of one seeded order) and averages the same gradients.
+    With a precomputed reference, each process computes its shard and all gather them in order."""
+    monkeypatch.setenv("DPO_TRAIN_CACHE", str(tmp_path / "cache"))
+    run = [*RUN, f"model.precompute_reference={precompute}"]
+    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *run, "train.grad_accum_steps=2",
                       f"train.output_dir={tmp_path / 'one'}"))
-    result = torchrun(tmp_path / "tiny.yaml", *RUN, "train.grad_accum_steps=1", f"train.output_dir={tmp_path / 'two'}")
+    if precompute == "true":
+        shutil.rmtree(tmp_path / "cache")  # the two processes compute it themselves
+    result = torchrun(tmp_path / "tiny.yaml", *run, "train.grad_accum_steps=1", f"train.output_dir={tmp_path / 'two'}")
     assert "5 optimizer steps of 8 pairs" in result.stdout
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)

@@ -1,0 +1,61 @@
+"""Precomputed reference log-probs: one no-grad pass over a dataset, cached on disk.
+
+The cache key hashes the reference weights, the tokenized pairs (which carry the data and the
+tokenization settings) and the log-prob settings, so a rerun or a resume reuses the file and any
+change to those recomputes it. With the log-probs in hand, training holds one model, not two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .logps import concatenated_forward
+
+COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+def cache_key(reference: torch.nn.Module, dataset, settings: str) -> str:
+    digest = hashlib.sha256(settings.encode())
+    for name, tensor in sorted(reference.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        digest.update(repr(dataset[column]).encode())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute(accelerator, reference, dataset, collate_fn, batch_size: int) -> torch.Tensor:
+    """(N, 2) chosen and rejected log-probs of every pair, in dataset order, on every process."""
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn))
+    chunks = []
+    for batch in loader:
+        chosen, rejected = concatenated_forward(reference, batch)
+        # gather_for_metrics returns the batches of all processes in dataset order, minus the padding
+        chunks.append(accelerator.gather_for_metrics(torch.stack([chosen, rejected], dim=1)))
+    return torch.cat(chunks).float().cpu()
+
+
+def attach(accelerator, reference, dataset, collate_fn, batch_size: int, cache_dir: Path, log=print):
+    """Return `dataset` with reference log-prob columns, computed once or read from the cache."""
+    path = cache_dir / "reference_logps" / f"{cache_key(reference, dataset, 'sum-over-completion-v1')}.pt"
+    if path.is_file():
+        logps = torch.load(path)
+        log(f"Reference log-probs for {len(dataset)} pairs read from {path}")
+    else:
+        logps = compute(accelerator, reference, dataset, collate_fn, batch_size)
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(logps, tmp)
+            tmp.rename(path)  # appears whole or not at all
+        log(f"Reference log-probs for {len(dataset)} pairs computed and cached in {path}")
+    accelerator.wait_for_everyone()
+    for i, column in enumerate(COLUMNS):
+        dataset = dataset.add_column(column, logps[:, i].tolist())
+    return dataset
