@@ -130,3 +130,37 @@ def load_policy_and_reference(name_or_path: str, ref_name_or_path: str | None, d
     else:
         reference = load_model(ref_name_or_path, dtype)
     return policy, freeze(reference)
+
+
+def place_reference(accelerator, reference: PreTrainedModel) -> torch.nn.Module:
+    """Put the frozen reference where each engine wants it: sharded for inference only (no
+    optimizer, no gradients) under DeepSpeed ZeRO-3 and FSDP; otherwise a plain replica on this
+    process's device, never wrapped for gradients (DDP would all-reduce nothing but cost memory)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin.zero_stage == 3:
+            import deepspeed
+
+            ds_config = copy.deepcopy(plugin.deepspeed_config)
+            for key in ("optimizer", "scheduler"):
+                ds_config.pop(key, None)
+            engine, *_ = deepspeed.initialize(model=reference, config=ds_config)
+            return engine.eval()
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        layer_classes = set(getattr(reference, "_no_split_modules", None) or [])
+        layers = [m for m in reference.modules() if type(m).__name__ in layer_classes]
+        if accelerator.is_fsdp2:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in layers:  # shard block by block, so only one block is whole at a time
+                fully_shard(layer)
+            fully_shard(reference)
+            return reference
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        policy = ModuleWrapPolicy({type(layer) for layer in layers}) if layers else None
+        return FullyShardedDataParallel(reference, auto_wrap_policy=policy, device_id=accelerator.device)
+    return reference.to(accelerator.device)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -28,7 +28,7 @@ from .logps import policy_and_reference_logps
 from .losses import LOSSES
 from .metrics import MetricsLog, add, means, pair_metrics
 from . import reference as precomputed
-from .models import cache_dir, load_policy_and_reference, load_tokenizer
+from .models import cache_dir, load_policy_and_reference, load_tokenizer, place_reference
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -94,9 +94,14 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     if eval_stats:
         log(f"eval data: {eval_stats}")
 
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loaders are prepared on their own, below
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    if reference is not None:
+        reference = place_reference(accelerator, reference)
     if m.precompute_reference and reference is not None:
-        reference.to(accelerator.device)
         attach = partial(precomputed.attach, accelerator, reference, collate_fn=collate_fn,
                          batch_size=t.per_device_batch_size, cache_dir=cache_dir(), log=log)
         train_set = attach(train_set)
@@ -106,10 +111,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     eval_loader = None
     if eval_set is not None:
         eval_loader = DataLoader(eval_set, batch_size=t.per_device_batch_size, collate_fn=collate_fn)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    policy, optimizer, train_loader, eval_loader = accelerator.prepare(policy, optimizer, train_loader, eval_loader)
-    if reference is not None:
-        reference.to(accelerator.device)
+    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     total_steps = t.max_steps or t.epochs * math.ceil(len(train_loader) / t.grad_accum_steps)
     # Stepped by hand once per optimizer update, so the schedule counts updates on any number of processes.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -151,6 +153,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
                     loss, sums = training_step(policy, reference, batch, loss_fn)
                     accelerator.backward(loss)  # accelerate divides by grad_accum_steps
                     if accelerator.sync_gradients:
+                        # None under DeepSpeed, which clips inside its engine (gradient_clipping)
                         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
@@ -163,7 +166,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
                     totals = accelerator.reduce({**window, "tokens": tokens}, reduction="sum")
                     elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
                     record = {**means({k: v for k, v in totals.items() if k != "tokens"}),
-                              "grad_norm": grad_norm.item(), "lr": lr,
+                              "grad_norm": None if grad_norm is None else grad_norm.item(), "lr": lr,
                               "tokens/s": totals["tokens"].item() / elapsed}
                     if accelerator.is_main_process:
                         metrics_log.write(step, record)

@@ -76,3 +76,13 @@ def test_resume_with_two_processes_is_exact(tmp_path, tiny_model_dir, tiny_data)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     strip = lambda records: [{k: v for k, v in r.items() if k != "tokens/s"} for r in records]
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(cut))
+
+
+def test_shipped_accelerate_configs_parse():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    configs = sorted((Path(__file__).parent.parent / "configs" / "accelerate").glob("*.yaml"))
+    engines = {p.stem: load_config_from_file(str(p)).distributed_type.value for p in configs}
+    assert engines == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
+                       "zero3_offload": "DEEPSPEED"}
