@@ -1,4 +1,5 @@
-"""The command line: parse, load the config, train."""
+"""The command line: parse, then hand over to a module. Training is the default command, so
+`dpo-train --config X` trains, as does `dpo-train train --config X`."""
 
 from __future__ import annotations
 
@@ -6,24 +7,62 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .config import describe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Direct Preference Optimization for Hugging Face causal LMs.")
+EXIT_CODES = ("Exit codes: 0 done; 1 unexpected error; 2 config, data, model or checkpoint error (one line); "
+              "75 stopped by SIGTERM/SIGINT after saving a checkpoint; 130 aborted by a second Ctrl-C.")
+# "\b" tells click to keep the following lines as they are instead of re-wrapping them.
+CONFIG_KEYS = "Config keys (type, default); README.md says what each does:\n\n\b\n" + describe()
 
 
-# "\b" tells click to keep the following lines as they are instead of re-wrapping them.
-# "\b" tells click to keep the following lines as they are instead of re-wrapping them.
-@app.command(epilog="Exit codes: 0 done; 1 unexpected error; 2 config, data, model or checkpoint error (one "
-             "line); 75 stopped by SIGTERM/SIGINT after saving a checkpoint; 130 aborted by a second Ctrl-C."
-             "\n\nConfig keys (type, default); README.md says what each does:\n\n\b\n" + describe())
-def main(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML file with sections model, data, loss, train."),
-    overrides: Optional[List[str]] = typer.Argument(
-        None, metavar="[KEY=VALUE]...",
-        help="Dotted overrides of config values, typed like the field they replace: "
-             "train.max_steps=20 loss.beta=0.2 data.eval=null"),
+class TrainByDefault(TyperGroup):
+    """Arguments that start with an option (`--config`) or an override (`key=value`) are training
+    arguments; a bare word is left to click, which names a mistyped command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in ctx.help_option_names and (args[0].startswith("-") or "=" in args[0]):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=TrainByDefault, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    rich_markup_mode=None, epilog=EXIT_CODES + "\n\n" + CONFIG_KEYS,
+    help="Direct Preference Optimization for Hugging Face causal LMs.\n\n\b\n"
+         "Train (the default command):\n"
+         "  dpo-train --config CONFIG.yaml [KEY=VALUE]... [--resume auto|PATH] [--force-resume]\n"
+         "Check the data without training, plot a run, evaluate a trained model:\n"
+         "  dpo-train check-data --config CONFIG.yaml [KEY=VALUE]...\n"
+         "  dpo-train plot RUN_DIR\n"
+         "  dpo-train eval --model DIR --ref DIR --data PATH")
+
+CONFIG = typer.Option(..., "--config", "-c", help="YAML file with sections model, data, loss, train.")
+OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...",
+                           help="Dotted overrides of config values, typed like the field they replace: "
+                                "train.max_steps=20 loss.beta=0.2 data.eval=null")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix, reported as one line with exit code 2. A function, so that the
+    modules (and torch, which they import) load only when an exception is being matched."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+    return ConfigError, DataError, ModelError, CheckpointError
+
+
+def fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command(epilog=EXIT_CODES + "\n\n" + CONFIG_KEYS)
+def train(
+    config: Path = CONFIG,
+    overrides: Optional[List[str]] = OVERRIDES,
     resume: Optional[str] = typer.Option(
         None, "--resume", help="'auto': continue from the newest complete checkpoint in train.output_dir "
                                "(or start fresh if there is none); or the path of a checkpoint."),
@@ -31,27 +70,40 @@ def main(
         False, "--force-resume", help="Resume even if the config differs from the checkpoint's in keys "
                                       "that change the training math."),
 ) -> None:
-    """Train a policy with DPO on preference pairs (prompt, chosen, rejected).
+    """Train a policy with DPO on preference pairs (prompt, chosen, rejected). The default command.
 
     Writes {train.output_dir}/config.yaml (the resolved config), metrics.jsonl (one JSON
     object per logged step; eval metrics prefixed eval/), eval_results.json, checkpoints/
     (every train.save_every steps) and final/ (the policy and tokenizer in Hugging Face format).
     """
-    from .checkpoint import CheckpointError, Stopped
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .models import ModelError
+    from .checkpoint import Stopped
+    from .config import load_config
 
     try:
         cfg = load_config(config, overrides or [])
-        from .trainer import train  # imported late: torch and transformers take seconds to import
-        train(cfg, resume=resume, force_resume=force_resume)
-    except (ConfigError, DataError, ModelError, CheckpointError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        from .trainer import train as run_training  # imported late: torch and transformers take seconds
+        run_training(cfg, resume=resume, force_resume=force_resume)
+    except user_errors() as e:
+        fail(e)
     except Stopped as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(75)  # EX_TEMPFAIL: a scheduler may requeue the job with --resume auto
     except KeyboardInterrupt:
         typer.echo("aborted by a second Ctrl-C; nothing saved since the last checkpoint", err=True)
         raise typer.Exit(130)
+
+
+@app.command("check-data", epilog=CONFIG_KEYS)
+def check_data(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Load, check and tokenize the config's data as training would, without loading the model or
+    training. Prints, per file: rows kept and dropped (and why), truncated prompts and completions,
+    token-length percentiles of prompt, chosen and rejected, and the first pair as the model sees it,
+    the masked prompt tokens marked."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from .data_report import check_data as report
+        typer.echo(report(cfg))
+    except user_errors() as e:
+        fail(e)
