@@ -107,3 +107,20 @@ def check_data(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES
         typer.echo(report(cfg))
     except user_errors() as e:
         fail(e)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run's train.output_dir (or its metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the PNG; default RUN_DIR/metrics.png."),
+) -> None:
+    """Plot loss, reward margin and reward accuracy over optimizer steps, train and eval, from
+    RUN_DIR/metrics.jsonl into one PNG. Works on a run still in progress. Needs matplotlib
+    (pip install 'dpo-train[plot]')."""
+    from .plots import PlotError, plot_run
+
+    try:
+        path, summary = plot_run(run_dir, out)
+    except PlotError as e:
+        fail(e)
+    typer.echo(f"wrote {path} ({summary})")
