@@ -124,3 +124,48 @@ def plot(
     except PlotError as e:
         fail(e)
     typer.echo(f"wrote {path} ({summary})")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., "--model", help="The trained model: a Hugging Face directory (a run's final/), "
+                                                   "hub id or .gguf file; its tokenizer is used."),
+    ref: str = typer.Option(..., "--ref", help="The frozen reference it is compared with (usually the model "
+                                               "training started from)."),
+    data: str = typer.Option(..., "--data", help="Preference pairs: .jsonl/.json/.parquet file, dataset "
+                                                 "directory or hub id; rows with an `answer` get exact-answer accuracy."),
+    split: str = typer.Option("test", help="Split of a dataset directory or hub dataset."),
+    beta: float = typer.Option(0.1, help="The DPO beta of the rewards, beta * (log model - log ref)."),
+    max_length: int = typer.Option(512, min=2, help="Tokens per sequence, prompt + one completion."),
+    max_prompt_length: int = typer.Option(256, min=1, help="Prompt tokens kept (cut from the left)."),
+    batch_size: int = typer.Option(4, min=1, help="Pairs per forward pass."),
+    max_new_tokens: int = typer.Option(32, min=0, help="Greedy tokens per generation; 0 generates nothing."),
+    examples: int = typer.Option(3, min=0, help="Prompts whose generations are shown."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file; "
+                                                                  "'-' prints JSON instead of the table."),
+) -> None:
+    """Compare a trained model with its reference on preference pairs: reward accuracy and margin,
+    log-prob accuracy and loss, exact-answer accuracy when rows carry an `answer`, and greedy
+    generations of both for the first few prompts. Prints a table; --json writes the same as JSON."""
+    import json
+
+    for bad, why in ((beta <= 0, f"--beta must be > 0, got {beta}"),
+                     (max_prompt_length >= max_length, f"--max-prompt-length ({max_prompt_length}) must be < "
+                                                       f"--max-length ({max_length}) so every completion keeps a token"),
+                     (dtype not in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16, got {dtype}")):
+        if bad:
+            fail(why)
+    try:
+        from .evaluate import evaluate_models, format_report
+        result = evaluate_models(model, ref, data, split, beta, max_length, max_prompt_length, batch_size,
+                                 max_new_tokens, examples, dtype)
+    except user_errors() as e:
+        fail(e)
+    if json_path and str(json_path) == "-":
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(format_report(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        typer.echo(f"\nwrote {json_path}")
