@@ -91,10 +91,12 @@ def evaluate_models(model_path: str, ref_path: str, data: str, split: str = "tes
     The tokenizer is the model's. Returns a JSON-ready dict."""
     accelerator = Accelerator()
     model, reference = freeze(load_model(model_path, dtype)), freeze(load_model(ref_path, dtype))
-    if model.get_output_embeddings().weight.shape != reference.get_output_embeddings().weight.shape:
-        raise ModelError(f"{ref_path}: the reference's vocabulary differs from {model_path}'s; "
-                         "DPO compares log-probs of the same tokens")
     tokenizer = load_tokenizer(model_path)
+    for path, m in ((model_path, model), (ref_path, reference)):
+        # Both score the same token ids; embedding tables may be padded beyond the tokenizer, not short of it.
+        if m.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ModelError(f"{path}: {m.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
+                             f"{len(tokenizer)} tokens of {model_path}'s tokenizer; model and reference must share it")
     pairs, rows, stats = build_dataset(data, split, tokenizer, max_length, max_prompt_length)
     loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
                                             collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id)))

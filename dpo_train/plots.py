@@ -23,10 +23,14 @@ def read_metrics(path: Path) -> list[dict]:
     records = []
     for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if number < len(lines):
-                raise PlotError(f"{path}: line {number}: not a JSON record") from None
+            if number == len(lines):
+                break
+            raise PlotError(f"{path}: line {number}: not a JSON record") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise PlotError(f"{path}: line {number}: not a metrics record (an object with a \"step\")")
+        records.append(record)
     return records
 
 

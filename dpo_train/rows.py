@@ -149,14 +149,14 @@ def first_problem(rows: datasets.Dataset, key: str) -> tuple[int, str] | None:
         column.validate(full=True)  # datasets loads JSON strings without checking their UTF-8
     except pa.ArrowInvalid:
         as_bytes = column.cast(pa.binary()).to_pylist()
-        return next(i for i, b in enumerate(as_bytes) if b is not None and not utf8(b)), "is not valid UTF-8 text"
+        return next(i for i, b in enumerate(as_bytes) if b is not None and not is_utf8(b)), "is not valid UTF-8 text"
     null = pc.index(pc.is_null(column), True).as_py()  # -1 when there is none
     blank = pc.index(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), False), True).as_py()
     return min(((i, why) for i, why in ((null, "is null or missing"), (blank, "is an empty string")) if i >= 0),
                default=None)
 
 
-def utf8(data: bytes) -> bool:
+def is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
         return True
@@ -177,7 +177,7 @@ def check_rows(rows: datasets.Dataset, source: str) -> None:
             raise DataError(f"{source}: missing field {key!r} ({hint}columns: {', '.join(columns)})")
     problems = [(*found, key) for key in FIELDS if key in columns and (found := first_problem(rows, key))]
     if problems:
-        row, why, key = min(problems)
+        row, why, key = min(problems, key=lambda problem: problem[0])  # ties: the first field in FIELDS order
         raise DataError(f"{source}: row {row} (0-based): field {key!r} {why}")
 
 

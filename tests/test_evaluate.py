@@ -86,3 +86,13 @@ def test_eval_of_a_model_that_is_not_a_causal_lm(tmp_path, tiny_model_dir, tiny_
 def test_eval_options_are_checked_before_loading(tiny_data):
     result = CliRunner().invoke(app, ["eval", "--model", "m", "--ref", "r", "--data", tiny_data[1], "--beta", "0"])
     assert result.exit_code == 2 and result.stderr.strip() == "error: --beta must be > 0, got 0.0"
+
+
+def test_eval_refuses_a_reference_with_a_smaller_vocabulary(tmp_path, tiny_model_dir, tiny_data):
+    make_model(vocab_size=50).save_pretrained(tmp_path)  # the tokenizer has 105 tokens
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--ref", str(tmp_path),
+                                      "--data", tiny_data[1]])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}: 50 token embeddings, fewer than the 105 tokens of {tiny_model_dir}'s tokenizer; "
+        "model and reference must share it")

@@ -54,6 +54,9 @@ def test_unreadable_or_missing_metrics_are_one_line_errors(tmp_path):
     run = write_run(tmp_path / "run", tail="garbage\n" + json.dumps(RECORDS[0]) + "\n")
     with pytest.raises(PlotError, match="line 5: not a JSON record"):
         read_metrics(run / "metrics.jsonl")
+    run = write_run(tmp_path / "run", tail='{"loss": 0.5}\n')
+    with pytest.raises(PlotError, match="line 5: not a metrics record"):
+        read_metrics(run / "metrics.jsonl")
 
 
 def test_missing_matplotlib_is_named(tmp_path, monkeypatch):
