@@ -1,4 +1,5 @@
-"""The command line: parse, load the config, train."""
+"""The command line: parse, then hand over to a module. Training is the default command, so
+`dpo-train --config X` trains, as does `dpo-train train --config X`."""
 
 from __future__ import annotations
 
@@ -6,24 +7,62 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .config import describe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None, help="Direct Preference Optimization for Hugging Face causal LMs.")
+EXIT_CODES = ("Exit codes: 0 done; 1 unexpected error; 2 config, data, model or checkpoint error (one line); "
+              "75 stopped by SIGTERM/SIGINT after saving a checkpoint; 130 aborted by a second Ctrl-C.")
+# "\b" tells click to keep the following lines as they are instead of re-wrapping them.
+CONFIG_KEYS = "Config keys (type, default); README.md says what each does:\n\n\b\n" + describe()
 
 
-# "\b" tells click to keep the following lines as they are instead of re-wrapping them.
-# "\b" tells click to keep the following lines as they are instead of re-wrapping them.
-@app.command(epilog="Exit codes: 0 done; 1 unexpected error; 2 config, data, model or checkpoint error (one "
-             "line); 75 stopped by SIGTERM/SIGINT after saving a checkpoint; 130 aborted by a second Ctrl-C."
-             "\n\nConfig keys (type, default); README.md says what each does:\n\n\b\n" + describe())
-def main(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML file with sections model, data, loss, train."),
-    overrides: Optional[List[str]] = typer.Argument(
-        None, metavar="[KEY=VALUE]...",
-        help="Dotted overrides of config values, typed like the field they replace: "
-             "train.max_steps=20 loss.beta=0.2 data.eval=null"),
+class TrainByDefault(TyperGroup):
+    """Arguments that start with an option (`--config`) or an override (`key=value`) are training
+    arguments; a bare word is left to click, which names a mistyped command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in ctx.help_option_names and (args[0].startswith("-") or "=" in args[0]):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=TrainByDefault, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    rich_markup_mode=None, epilog=EXIT_CODES + "\n\n" + CONFIG_KEYS,
+    help="Direct Preference Optimization for Hugging Face causal LMs.\n\n\b\n"
+         "Train (the default command):\n"
+         "  dpo-train --config CONFIG.yaml [KEY=VALUE]... [--resume auto|PATH] [--force-resume]\n"
+         "Check the data without training, plot a run, evaluate a trained model:\n"
+         "  dpo-train check-data --config CONFIG.yaml [KEY=VALUE]...\n"
+         "  dpo-train plot RUN_DIR\n"
+         "  dpo-train eval --model DIR --ref DIR --data PATH")
+
+CONFIG = typer.Option(..., "--config", "-c", help="YAML file with sections model, data, loss, train.")
+OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...",
+                           help="Dotted overrides of config values, typed like the field they replace: "
+                                "train.max_steps=20 loss.beta=0.2 data.eval=null")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix, reported as one line with exit code 2. A function, so that the
+    modules (and torch, which they import) load only when an exception is being matched."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+    return ConfigError, DataError, ModelError, CheckpointError
+
+
+def fail(error: Exception) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command(epilog=EXIT_CODES + "\n\n" + CONFIG_KEYS)
+def train(
+    config: Path = CONFIG,
+    overrides: Optional[List[str]] = OVERRIDES,
     resume: Optional[str] = typer.Option(
         None, "--resume", help="'auto': continue from the newest complete checkpoint in train.output_dir "
                                "(or start fresh if there is none); or the path of a checkpoint."),
@@ -31,27 +70,102 @@ def main(
         False, "--force-resume", help="Resume even if the config differs from the checkpoint's in keys "
                                       "that change the training math."),
 ) -> None:
-    """Train a policy with DPO on preference pairs (prompt, chosen, rejected).
+    """Train a policy with DPO on preference pairs (prompt, chosen, rejected). The default command.
 
     Writes {train.output_dir}/config.yaml (the resolved config), metrics.jsonl (one JSON
     object per logged step; eval metrics prefixed eval/), eval_results.json, checkpoints/
     (every train.save_every steps) and final/ (the policy and tokenizer in Hugging Face format).
     """
-    from .checkpoint import CheckpointError, Stopped
-    from .config import ConfigError, load_config
-    from .data import DataError
-    from .models import ModelError
+    from .checkpoint import Stopped
+    from .config import load_config
 
     try:
         cfg = load_config(config, overrides or [])
-        from .trainer import train  # imported late: torch and transformers take seconds to import
-        train(cfg, resume=resume, force_resume=force_resume)
-    except (ConfigError, DataError, ModelError, CheckpointError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        from .trainer import train as run_training  # imported late: torch and transformers take seconds
+        run_training(cfg, resume=resume, force_resume=force_resume)
+    except user_errors() as e:
+        fail(e)
     except Stopped as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(75)  # EX_TEMPFAIL: a scheduler may requeue the job with --resume auto
     except KeyboardInterrupt:
         typer.echo("aborted by a second Ctrl-C; nothing saved since the last checkpoint", err=True)
         raise typer.Exit(130)
+
+
+@app.command("check-data", epilog=CONFIG_KEYS)
+def check_data(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Load, check and tokenize the config's data as training would, without loading the model or
+    training. Prints, per file: rows kept and dropped (and why), truncated prompts and completions,
+    token-length percentiles of prompt, chosen and rejected, and the first pair as the model sees it,
+    the masked prompt tokens marked."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from .data_report import check_data as report
+        typer.echo(report(cfg))
+    except user_errors() as e:
+        fail(e)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run's train.output_dir (or its metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the PNG; default RUN_DIR/metrics.png."),
+) -> None:
+    """Plot loss, reward margin and reward accuracy over optimizer steps, train and eval, from
+    RUN_DIR/metrics.jsonl into one PNG. Works on a run still in progress. Needs matplotlib
+    (pip install 'dpo-train[plot]')."""
+    from .plots import PlotError, plot_run
+
+    try:
+        path, summary = plot_run(run_dir, out)
+    except PlotError as e:
+        fail(e)
+    typer.echo(f"wrote {path} ({summary})")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., "--model", help="The trained model: a Hugging Face directory (a run's final/), "
+                                                   "hub id or .gguf file; its tokenizer is used."),
+    ref: str = typer.Option(..., "--ref", help="The frozen reference it is compared with (usually the model "
+                                               "training started from)."),
+    data: str = typer.Option(..., "--data", help="Preference pairs: .jsonl/.json/.parquet file, dataset "
+                                                 "directory or hub id; rows with an `answer` get exact-answer accuracy."),
+    split: str = typer.Option("test", help="Split of a dataset directory or hub dataset."),
+    beta: float = typer.Option(0.1, help="The DPO beta of the rewards, beta * (log model - log ref)."),
+    max_length: int = typer.Option(512, min=2, help="Tokens per sequence, prompt + one completion."),
+    max_prompt_length: int = typer.Option(256, min=1, help="Prompt tokens kept (cut from the left)."),
+    batch_size: int = typer.Option(4, min=1, help="Pairs per forward pass."),
+    max_new_tokens: int = typer.Option(32, min=0, help="Greedy tokens per generation; 0 generates nothing."),
+    examples: int = typer.Option(3, min=0, help="Prompts whose generations are shown."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file; "
+                                                                  "'-' prints JSON instead of the table."),
+) -> None:
+    """Compare a trained model with its reference on preference pairs: reward accuracy and margin,
+    log-prob accuracy and loss, exact-answer accuracy when rows carry an `answer`, and greedy
+    generations of both for the first few prompts. Prints a table; --json writes the same as JSON."""
+    import json
+
+    for bad, why in ((beta <= 0, f"--beta must be > 0, got {beta}"),
+                     (max_prompt_length >= max_length, f"--max-prompt-length ({max_prompt_length}) must be < "
+                                                       f"--max-length ({max_length}) so every completion keeps a token"),
+                     (dtype not in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16, got {dtype}")):
+        if bad:
+            fail(why)
+    try:
+        from .evaluate import evaluate_models, format_report
+        result = evaluate_models(model, ref, data, split, beta, max_length, max_prompt_length, batch_size,
+                                 max_new_tokens, examples, dtype)
+    except user_errors() as e:
+        fail(e)
+    if json_path and str(json_path) == "-":
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(format_report(result))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        typer.echo(f"\nwrote {json_path}")

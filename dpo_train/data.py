@@ -1,59 +1,39 @@
-"""Preference pairs: loading, chat templates, tokenization with -100 prompt labels, collation.
+"""Preference pairs: chat templates, tokenization with -100 prompt labels, truncation, collation.
 
-A row is either strings (`prompt`, `chosen`, `rejected`) or conversations (lists of
-`{role, content}` messages). A tokenized pair keeps its three parts apart
+Rows come from `rows.py` (loading and checks). A tokenized pair keeps its three parts apart
 (`prompt_ids`, `chosen_ids`, `rejected_ids`); `collate` joins them into model rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 
+from .rows import FIELDS, DataError, check_rows, load_rows, with_implicit_prompts
+
 IGNORE_INDEX = -100  # label of every token the loss skips: prompt and padding
-FIELDS = ("prompt", "chosen", "rejected")
-FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """A data problem, reported to the user as one line naming the source, row and field."""
-
-
-def load_rows(source: str, split: str) -> datasets.Dataset:
-    """Load a local .jsonl/.json/.parquet file, a local dataset directory, or a hub dataset id."""
-    path = Path(source)
-    try:
-        if path.suffix in FILE_TYPES:
-            if not path.is_file():
-                raise DataError(f"{source}: file not found")
-            return datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train")
-        return datasets.load_dataset(source, split=split)  # a local dataset directory or a hub id
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types; the user needs one line, not a traceback
-        raise DataError(f"{source}: cannot load dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
 def render(row: dict, tokenizer) -> tuple[str, str, str, bool]:
     """Return (prompt_text, chosen_text, rejected_text, templated). Chat models get their chat
     template: a string prompt becomes a user turn, a string completion an assistant turn."""
     prompt, chosen, rejected = (row[k] for k in FIELDS)
-    conversational = any(isinstance(v, list) for v in (prompt, chosen, rejected))
+    conversation = next((k for k in FIELDS if isinstance(row[k], list)), None)
     if tokenizer.chat_template is None:
-        if conversational:
-            raise DataError("conversational rows need a tokenizer with a chat template, and this one has none")
+        if conversation:
+            raise DataError(f"field {conversation!r} is a conversation (a list of messages), which needs a "
+                            "tokenizer with a chat template, and this model's tokenizer has none")
         return prompt, chosen, rejected, False
     as_turns = lambda v, role: v if isinstance(v, list) else [{"role": role, "content": v}]
     prompt_msgs = as_turns(prompt, "user")
     prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
     completions = []
-    for completion in (chosen, rejected):
+    for key, completion in (("chosen", chosen), ("rejected", rejected)):
         full = tokenizer.apply_chat_template(prompt_msgs + as_turns(completion, "assistant"), tokenize=False)
         if not full.startswith(prompt_text):
-            raise DataError("the chat template renders the prompt differently once a reply follows it")
+            raise DataError(f"field {key!r}: the chat template renders the prompt differently once a reply follows it")
         completions.append(full[len(prompt_text):])
     return prompt_text, completions[0], completions[1], True
 
@@ -64,7 +44,7 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int)
     Truncation: the prompt is cut from the left to `max_prompt_length` (its end, next to the
     answer, matters most); then completions are cut from the right so prompt + completion fits
     `max_length`. A pair with an empty completion (nothing but EOS) or identical completions gets a
-    `drop_reason`.
+    `drop_reason`. `*_full_length` are the token counts before truncation.
     """
     prompt_text, chosen_text, rejected_text, templated = render(row, tokenizer)
     eos = tokenizer.eos_token_id
@@ -78,6 +58,8 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int)
         elif text:
             ids = ids + [eos]
         completions.append(ids)
+    full_lengths = {"prompt_full_length": len(prompt_ids), "chosen_full_length": len(completions[0]),
+                    "rejected_full_length": len(completions[1])}
     prompt_truncated = len(prompt_ids) > max_prompt_length
     if prompt_truncated:
         prompt_ids = prompt_ids[-max_prompt_length:]
@@ -85,14 +67,12 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int)
     completion_truncated = any(len(ids) > room for ids in completions)
     chosen_ids, rejected_ids = (ids[:room] for ids in completions)
     empty = any(not [i for i in ids if i != eos] for ids in (chosen_ids, rejected_ids))  # nothing but EOS
-    return {
-        "prompt_ids": prompt_ids,
-        "chosen_ids": chosen_ids,
-        "rejected_ids": rejected_ids,
-        "prompt_truncated": prompt_truncated,
-        "completion_truncated": completion_truncated,
-        "drop_reason": "empty completion" if empty else "chosen == rejected" if chosen_ids == rejected_ids else "",
-    }
+    drop_reason = ("empty completion" if empty else
+                   "chosen == rejected" if completions[0] == completions[1] else
+                   "chosen == rejected after truncation" if chosen_ids == rejected_ids else "")
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+            "prompt_truncated": prompt_truncated, "completion_truncated": completion_truncated,
+            "drop_reason": drop_reason, **full_lengths}
 
 
 @dataclass
@@ -102,46 +82,45 @@ class DataStats:
     prompt_truncated: int
     completion_truncated: int
     dropped: dict[str, int]
+    implicit_prompts: bool = False  # prompts were cut from the shared prefix of chosen and rejected
+    full_lengths: dict[str, list[int]] = field(default_factory=dict)  # kept pairs' token counts before truncation
 
     def __str__(self) -> str:
         dropped = ", ".join(f"{n} ({why})" for why, n in self.dropped.items()) or "0"
+        implicit = "; prompts taken from the shared prefix of chosen and rejected" if self.implicit_prompts else ""
         return (f"{self.kept}/{self.rows} pairs kept; dropped {dropped}; truncated prompts "
-                f"{self.prompt_truncated}, truncated completions {self.completion_truncated}")
-
-
-def check_rows(rows: datasets.Dataset, source: str) -> None:
-    """Every row needs `prompt`, `chosen` and `rejected` as strings or lists of messages."""
-    missing = [k for k in FIELDS if k not in rows.column_names]
-    if missing:
-        raise DataError(f"{source}: missing field {missing[0]!r} (columns: {', '.join(rows.column_names)})")
-    for i, row in enumerate(rows.select_columns(list(FIELDS))):
-        for k in FIELDS:
-            if not isinstance(row[k], (str, list)):
-                raise DataError(f"{source}: row {i}: field {k!r} must be a string or a list of messages, "
-                                f"got {type(row[k]).__name__}")
+                f"{self.prompt_truncated}, truncated completions {self.completion_truncated}{implicit}")
 
 
 def build_dataset(source: str, split: str, tokenizer, max_length: int, max_prompt_length: int):
-    """Load, check and tokenize a preference set. Returns (tokenized dataset, raw rows, DataStats)."""
+    """Load, check and tokenize a preference set. Returns (tokenized dataset, raw rows, DataStats);
+    the raw rows are the kept ones, with a `prompt` column even when it was implicit."""
     rows = load_rows(source, split)
     if len(rows) == 0:
         raise DataError(f"{source}: the dataset is empty")
     check_rows(rows, source)
-    try:
-        tokenized = rows.map(tokenize_pair, fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length,
-                             max_prompt_length=max_prompt_length), remove_columns=rows.column_names,
-                             desc=f"Tokenizing {Path(source).name}")
-    except DataError as e:
-        raise DataError(f"{source}: {e}") from None
+    implicit = "prompt" not in rows.column_names
+    if implicit:
+        rows = with_implicit_prompts(rows, source)
+
+    def tokenize(row, index):
+        try:
+            return tokenize_pair(row, tokenizer, max_length, max_prompt_length)
+        except DataError as e:
+            raise DataError(f"{source}: row {index} (0-based): {e}") from None
+
+    tokenized = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names,
+                         desc=f"Tokenizing {Path(source).name}")
     reasons = tokenized["drop_reason"]
     dropped = {why: reasons.count(why) for why in sorted(set(reasons) - {""})}
     keep = [i for i, why in enumerate(reasons) if not why]
+    kept = tokenized.select(keep)
     stats = DataStats(len(rows), len(keep), sum(tokenized["prompt_truncated"]),
-                      sum(tokenized["completion_truncated"]), dropped)
+                      sum(tokenized["completion_truncated"]), dropped, implicit,
+                      {part: list(kept[f"{part}_full_length"]) for part in FIELDS})
     if not keep:
         raise DataError(f"{source}: no usable pairs remain ({stats})")
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    return tokenized.select(keep).select_columns(columns), rows.select(keep), stats
+    return kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]), rows.select(keep), stats
 
 
 def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -1,13 +1,25 @@
-"""Held-out evaluation: preference metrics over a loader, and greedy exact-answer accuracy."""
+"""Held-out evaluation: preference metrics over a loader, greedy exact-answer accuracy, and
+`dpo-train eval` (a trained model against its reference on preference pairs)."""
 
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
+from .data import build_dataset, collate
 from .logps import policy_and_reference_logps
+from .losses import LOSSES
 from .metrics import add, means, pair_metrics
+from .models import ModelError, freeze, load_model, load_tokenizer
+
+# (label, metric key) of the printed comparison; a key no model has is left out
+TABLE_ROWS = (("reward accuracy (margin > 0)", "rewards/accuracies"), ("mean reward margin", "rewards/margins"),
+              ("log-prob accuracy (chosen > rejected)", "logps_accuracy"), ("loss", "loss"),
+              ("exact-answer accuracy (greedy)", "exact_answer_accuracy"))
 
 
 @torch.no_grad()
@@ -58,3 +70,64 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
 
 def exact_match(outputs: list[str], answers: list[str]) -> float:
     return sum(normalize(o) == normalize(a) for o, a in zip(outputs, answers)) / len(answers)
+
+
+def metrics_table(results: dict[str, dict]) -> list[str]:
+    """One line per metric, one column per model, in the order of `results`."""
+    lines = [f"{'metric':40s}" + "".join(f"{name:>12s}" for name in results)]
+    for label, key in TABLE_ROWS:
+        if all(key in metrics for metrics in results.values()):
+            lines.append(f"{label:40s}" + "".join(f"{metrics[key]:12.3f}" for metrics in results.values()))
+    return lines
+
+
+def evaluate_models(model_path: str, ref_path: str, data: str, split: str = "test", beta: float = 0.1,
+                    max_length: int = 512, max_prompt_length: int = 256, batch_size: int = 4,
+                    max_new_tokens: int = 32, num_examples: int = 3, dtype: str = "float32") -> dict:
+    """`dpo-train eval`: preference metrics of a model against a frozen reference on the pairs in
+    `data` (rewards are beta * (log model - log ref), so the reference column is its own baseline:
+    loss ln 2, margin 0), and greedy generations of both. Rows with an `answer` are all generated
+    for exact-answer accuracy; the first `num_examples` are returned as examples.
+    The tokenizer is the model's. Returns a JSON-ready dict."""
+    accelerator = Accelerator()
+    model, reference = freeze(load_model(model_path, dtype)), freeze(load_model(ref_path, dtype))
+    tokenizer = load_tokenizer(model_path)
+    for path, m in ((model_path, model), (ref_path, reference)):
+        # Both score the same token ids; embedding tables may be padded beyond the tokenizer, not short of it.
+        if m.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise ModelError(f"{path}: {m.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
+                             f"{len(tokenizer)} tokens of {model_path}'s tokenizer; model and reference must share it")
+    pairs, rows, stats = build_dataset(data, split, tokenizer, max_length, max_prompt_length)
+    loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
+                                            collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id)))
+    models = {"reference": reference.to(accelerator.device), "model": model.to(accelerator.device)}
+    loss_fn = partial(LOSSES["sigmoid"], beta=beta, reference_free=False)
+    metrics = {name: preference_metrics(accelerator, m, reference, loader, loss_fn) for name, m in models.items()}
+    has_answers = "answer" in rows.column_names
+    count = (len(rows) if has_answers else min(num_examples, len(rows))) if max_new_tokens else 0
+    outputs = {name: generate(m, tokenizer, pairs["prompt_ids"][:count], max_new_tokens) for name, m in models.items()}
+    if has_answers and count:
+        for name in models:
+            metrics[name]["exact_answer_accuracy"] = exact_match(outputs[name], rows["answer"])
+    examples = [{"prompt": rows[i]["prompt"], **({"answer": rows[i]["answer"]} if has_answers else {}),
+                 **{name: outputs[name][i] for name in models}} for i in range(min(num_examples, count))]
+    return {"model": model_path, "reference": ref_path, "data": data, "pairs": len(pairs), "data_stats": str(stats),
+            "beta": beta, "max_new_tokens": max_new_tokens, "metrics": metrics, "examples": examples}
+
+
+def format_report(result: dict) -> str:
+    """The metrics table and the example generations, for a terminal."""
+    def one_line(value, width: int = 100) -> str:
+        text = value[-1]["content"] if isinstance(value, list) else str(value)  # a conversation: its last turn
+        text = text.replace("\n", "\\n")
+        return text if len(text) <= width else "..." + text[-width:]  # a prompt's end matters most
+
+    lines = [f"{result['model']} against the reference {result['reference']}, beta {result['beta']}",
+             f"{result['data']}: {result['data_stats']}", "", *metrics_table(result["metrics"])]
+    if result["examples"]:
+        lines += ["", f"Greedy generations (first {len(result['examples'])} prompts, "
+                      f"at most {result['max_new_tokens']} new tokens):"]
+    for i, example in enumerate(result["examples"]):
+        for j, (key, value) in enumerate(example.items()):
+            lines.append(f"{f'[{i}]' if j == 0 else '':4s} {key + ':':10s} {one_line(value)}")
+    return "\n".join(lines)

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,6 +95,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_model(name_or_path: str, dtype: str) -> PreTrainedModel:
     source = hf_dir(name_or_path)
     try:
+        model_config = AutoConfig.from_pretrained(source)
+        # Checked up front: from_pretrained's own error lists every causal LM transformers knows.
+        if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+            kind = ", ".join(model_config.architectures or []) or model_config.model_type
+            raise ModelError(f"{name_or_path}: not a causal language model ({kind}); DPO needs a "
+                             "decoder-only model that AutoModelForCausalLM loads")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:
         raise ModelError(f"{name_or_path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None

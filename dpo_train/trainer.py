@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoint import STATE, StopSignals, Stopped, resume_point, save_checkpoint, save_final
 from .config import Config, save_config
 from .data import build_dataset, collate
-from .evaluate import exact_match, generate, preference_metrics
+from .evaluate import exact_match, generate, metrics_table, preference_metrics
 from .logps import policy_and_reference_logps
 from .losses import LOSSES
 from .metrics import MetricsLog, add, means, pair_metrics
@@ -217,12 +217,5 @@ def final_evaluation(accelerator, policy, reference, eval_loader, evaluate, toke
             results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
             results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
                                          zip(eval_rows["prompt"][:5], eval_rows["answer"][:5], outputs[:5])]
-    rows = [("reward accuracy (margin > 0)", "rewards/accuracies"), ("mean reward margin", "rewards/margins"),
-            ("log-prob accuracy (chosen > rejected)", "logps_accuracy"), ("loss", "loss"),
-            ("exact-answer accuracy (greedy)", "exact_answer_accuracy")]
-    lines = [f"Held-out evaluation on {len(eval_set)} pairs", f"{'metric':40s}" + "".join(f"{n:>12s}" for n in models)]
-    for label, key in rows:
-        if key in results["policy"]:
-            lines.append(f"{label:40s}" + "".join(f"{results[n][key]:12.3f}" for n in models))
-    accelerator.print("\n".join(lines))
+    accelerator.print("\n".join([f"Held-out evaluation on {len(eval_set)} pairs", *metrics_table(results)]))
     return results

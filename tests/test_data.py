@@ -64,11 +64,16 @@ def test_truncation_keeps_the_prompt_end_and_a_nonempty_completion():
 
 
 def test_build_dataset_drops_and_counts_unusable_pairs(tmp_path):
-    rows = [ROW, {"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "p", "chosen": "", "rejected": "x"}]
-    data, raw, stats = build_dataset(write_jsonl(tmp_path / "d.jsonl", rows), "train", make_tokenizer(), 64, 32)
-    assert len(data) == len(raw) == 1 and stats.rows == 3 and stats.kept == 1
-    assert stats.dropped == {"chosen == rejected": 1, "empty completion": 1}
+    rows = [ROW, {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "p", "chosen": "<|im_end|>", "rejected": "x"},  # nothing but the end-of-turn token
+            {"prompt": "pq", "chosen": "abcdef", "rejected": "abcxyz"}]  # equal once cut to 5 - 2 = 3 tokens
+    data, raw, stats = build_dataset(write_jsonl(tmp_path / "d.jsonl", rows), "train", make_tokenizer(None), 5, 2)
+    assert len(data) == len(raw) == 1 and stats.rows == 4 and stats.kept == 1 and raw[0] == ROW
+    assert stats.dropped == {"chosen == rejected": 1, "chosen == rejected after truncation": 1, "empty completion": 1}
     assert data.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
+    # one token per character, no BOS: the kept pair's counts before truncation are "1+2=", "3" + EOS, "four" + EOS
+    assert stats.full_lengths == {"prompt": [4], "chosen": [2], "rejected": [5]}
+    assert stats.prompt_truncated == 1 and stats.completion_truncated == 3  # "four", "same" and "abcdef" were cut
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "json", "parquet"])

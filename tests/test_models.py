@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from dpo_train.models import ModelError, hf_dir, load_policy_and_reference, load_tokenizer, resolve
+from dpo_train.models import ModelError, hf_dir, load_model, load_policy_and_reference, load_tokenizer, resolve
 
 
 def test_policy_and_frozen_reference_from_one_checkpoint(tiny_model_dir):
@@ -59,3 +59,15 @@ def test_missing_model_is_a_one_line_error(tmp_path):
         load_tokenizer(str(tmp_path / "does-not-exist"))
     with pytest.raises(ModelError, match="GGUF file not found"):
         hf_dir(str(tmp_path / "missing.gguf"))
+
+
+def test_a_model_that_is_not_a_causal_lm_is_a_one_line_error(tmp_path):
+    from transformers import T5Config
+    T5Config(d_model=8, d_ff=8, num_layers=1, num_heads=1, d_kv=4, vocab_size=16,
+             architectures=["T5ForConditionalGeneration"]).save_pretrained(tmp_path)
+    with pytest.raises(ModelError) as e:
+        load_model(str(tmp_path), "float32")
+    assert str(e.value) == (f"{tmp_path}: not a causal language model (T5ForConditionalGeneration); DPO needs a "
+                            "decoder-only model that AutoModelForCausalLM loads")
+    with pytest.raises(ModelError, match="cannot load a causal LM"):  # a directory with no model at all
+        load_model(str(tmp_path / "empty"), "float32")

@@ -1,0 +1,81 @@
+"""What `dpo-train check-data` prints: for each data file, the row counts, the token lengths before
+truncation, what was truncated or dropped and why, and one pair rendered as the model sees it."""
+
+from __future__ import annotations
+
+import math
+from itertools import groupby
+
+from .config import Config, DataConfig
+from .data import IGNORE_INDEX, DataStats, build_dataset, collate
+from .models import load_tokenizer
+from .rows import FIELDS
+
+PERCENTILES = (50, 90, 99)
+PROMPT_OPEN, PROMPT_CLOSE = "[[", "]]"  # marks the tokens labelled -100 in the rendered example
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile: the smallest value with at least q% of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def length_table(full_lengths: dict[str, list[int]]) -> list[str]:
+    """Min, percentiles and max of each part's token count, one line per part."""
+    columns = ["min", *(f"p{q}" for q in PERCENTILES), "max"]
+    lines = [f"{'tokens before truncation':28s}" + "".join(f"{c:>7s}" for c in columns)]
+    for part in FIELDS:
+        values = full_lengths[part]
+        numbers = [min(values), *(percentile(values, q) for q in PERCENTILES), max(values)]
+        lines.append(f"  {part:26s}" + "".join(f"{n:7d}" for n in numbers))
+    return lines
+
+
+def render_pair(pair: dict, tokenizer) -> list[str]:
+    """Both rows of a tokenized pair, decoded, with the prompt tokens (label -100) inside [[ ]].
+
+    The labels come from `collate`, so this shows exactly what the loss will and won't score.
+    """
+    batch = collate([pair], pad_token_id=tokenizer.pad_token_id)
+    lines = []
+    for row, side in enumerate(("chosen", "rejected")):
+        length = int(batch["attention_mask"][row].sum())
+        tokens = list(zip(batch["input_ids"][row, :length].tolist(), batch["labels"][row, :length].tolist()))
+        scored = sum(label != IGNORE_INDEX for _, label in tokens)
+        text = ""
+        for masked, run in groupby(tokens, key=lambda token: token[1] == IGNORE_INDEX):
+            piece = tokenizer.decode([i for i, _ in run], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text += PROMPT_OPEN + piece + PROMPT_CLOSE if masked else piece
+        lines.append(f"  {side}: {length} tokens, {length - scored} masked, {scored} scored")
+        lines += ["    " + line for line in text.split("\n")]
+    return lines
+
+
+def describe(name: str, source: str, stats: DataStats, first_pair: dict, tokenizer, data: DataConfig) -> str:
+    why = ", ".join(f"{n} {why}" for why, n in stats.dropped.items())
+    lines = [f"{name}: {source}",
+             f"  rows {stats.rows}: kept {stats.kept}, dropped {stats.rows - stats.kept}" + (f" ({why})" if why else ""),
+             f"  truncated: {stats.prompt_truncated} prompts (cut from the left to data.max_prompt_length="
+             f"{data.max_prompt_length}), {stats.completion_truncated} pairs with a completion cut to fit "
+             f"data.max_length={data.max_length}"]
+    if stats.implicit_prompts:
+        lines.append("  no 'prompt' field: prompts are the prefix chosen and rejected share")
+    lines += ["  " + line for line in length_table(stats.full_lengths)]
+    lines.append(f"  example (the first kept pair); text in {PROMPT_OPEN} {PROMPT_CLOSE} is prompt: "
+                 "labelled -100, not scored")
+    return "\n".join(lines + render_pair(first_pair, tokenizer))
+
+
+def check_data(config: Config) -> str:
+    """Load and tokenize the config's train and eval data exactly as training would, without
+    loading the model; return the report. Bad data raises DataError as in training."""
+    d = config.data
+    tokenizer = load_tokenizer(config.model.name_or_path)
+    template = "its chat template" if tokenizer.chat_template else "no chat template: rows are raw text"
+    sections = [f"tokenizer: {config.model.name_or_path} ({template})"]
+    for name, source, split in (("train", d.train, d.train_split), ("eval", d.eval, d.eval_split)):
+        if source:
+            pairs, _, stats = build_dataset(source, split, tokenizer, d.max_length, d.max_prompt_length)
+            sections.append(describe(name, source, stats, pairs[0], tokenizer, d))
+    return "\n\n".join(sections)
