@@ -51,7 +51,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .data import DataError
     from .models import ModelError
-    return ConfigError, DataError, ModelError, CheckpointError
+    from .trainer import NonFiniteError
+    return ConfigError, DataError, ModelError, CheckpointError, NonFiniteError
 
 
 def fail(error: Exception) -> None:

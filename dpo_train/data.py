@@ -147,3 +147,50 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         if key in pairs[0]:
             batch[key] = torch.tensor([p[key] for p in pairs])
     return batch
+
+
+def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> one padding-free row where each pair's prompt appears once: [P1 C1 R1 P2 C2 R2 ...].
+
+    A block attention mask lets every token see only its own pair, causally, and keeps the rejected
+    completion from seeing the chosen one; position ids restart at each pair and both completions
+    continue from the prompt's end, so each completion sees exactly what it would see alone.
+
+    Returns input_ids, position_ids: (1, L); attention_mask: (1, 1, L, L) bool; and per completion
+    token (K of them): predict_positions (K,) the position whose logits predict it, targets (K,) the
+    token, owners (K,) its row in the 2B chosen-then-rejected order; num_rows: () = 2B; num_tokens.
+    """
+    num_pairs = len(pairs)
+    input_ids, position_ids, segment, is_rejected, is_chosen = [], [], [], [], []
+    predict_positions, targets, owners = [], [], []
+    for i, pair in enumerate(pairs):
+        prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
+        start, p = len(input_ids), len(prompt)
+        input_ids += prompt + chosen + rejected
+        position_ids += list(range(p)) + list(range(p, p + len(chosen))) + list(range(p, p + len(rejected)))
+        segment += [i] * (p + len(chosen) + len(rejected))
+        is_chosen += [False] * p + [True] * len(chosen) + [False] * len(rejected)
+        is_rejected += [False] * (p + len(chosen)) + [True] * len(rejected)
+        last_prompt = start + p - 1
+        for side, completion, offset, owner in ((0, chosen, p, i), (1, rejected, p + len(chosen), num_pairs + i)):
+            first = start + offset
+            # token j is predicted by the token before it; the first one by the prompt's last token
+            predict_positions += [last_prompt] + list(range(first, first + len(completion) - 1))
+            targets += completion
+            owners += [owner] * len(completion)
+    segment, is_chosen, is_rejected = map(torch.tensor, (segment, is_chosen, is_rejected))
+    length = len(input_ids)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_pair = segment[:, None] == segment[None, :]
+    rejected_sees_chosen = is_rejected[:, None] & is_chosen[None, :]
+    batch = {
+        "input_ids": torch.tensor([input_ids]), "position_ids": torch.tensor([position_ids]),
+        "attention_mask": (causal & same_pair & ~rejected_sees_chosen)[None, None],
+        "predict_positions": torch.tensor(predict_positions), "targets": torch.tensor(targets),
+        "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * num_pairs),
+        "num_tokens": torch.tensor(length),
+    }
+    for key in ("reference_chosen_logps", "reference_rejected_logps"):
+        if key in pairs[0]:
+            batch[key] = torch.tensor([p[key] for p in pairs])
+    return batch

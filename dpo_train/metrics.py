@@ -36,10 +36,11 @@ def means(sums: dict, prefix: str = "") -> dict[str, float]:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; a step's record is flushed as soon as it is written."""
+    """Appends one JSON object per line (main process only; a step's record is flushed as soon as
+    it is written) and hands numeric values to Accelerate's trackers (TensorBoard, ...), if any."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, accelerator):
+        self.path, self.accelerator = path, accelerator
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
@@ -50,5 +51,7 @@ class MetricsLog:
             f.truncate(size)
 
     def write(self, step: int, values: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)

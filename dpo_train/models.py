@@ -171,3 +171,12 @@ def place_reference(accelerator, reference: PreTrainedModel) -> torch.nn.Module:
         policy = ModuleWrapPolicy({type(layer) for layer in layers}) if layers else None
         return FullyShardedDataParallel(reference, auto_wrap_policy=policy, device_id=accelerator.device)
     return reference.to(accelerator.device)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in the backward pass (transformers renamed the method in v5)."""
+    kwargs = {"use_reentrant": False}  # the non-reentrant form works with frozen inputs and DDP
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

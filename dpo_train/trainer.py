@@ -20,15 +20,17 @@ from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import STATE, StopSignals, Stopped, resume_point, save_checkpoint, save_final
+from .card import model_card
+from .checkpoint import STATE, StopSignals, Stopped, resume_point, save_checkpoint, save_final, step_of
 from .config import Config, save_config
-from .data import build_dataset, collate
+from .data import build_dataset, collate, collate_packed
 from .evaluate import exact_match, generate, metrics_table, preference_metrics
 from .logps import policy_and_reference_logps
 from .losses import LOSSES
 from .metrics import MetricsLog, add, means, pair_metrics
 from . import reference as precomputed
-from .models import cache_dir, load_policy_and_reference, load_tokenizer, place_reference
+from .models import (cache_dir, enable_activation_checkpointing, load_policy_and_reference, load_tokenizer,
+                     place_reference)
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -57,6 +59,26 @@ def stop_requested(accelerator, stop: StopSignals) -> bool:
     return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient, with the step and the last good checkpoint."""
+
+
+def all_finite(accelerator, loss: torch.Tensor, grad_norm) -> bool:
+    """Whether every process's loss and the gradient norm are finite (the same answer everywhere)."""
+    finite = torch.isfinite(loss.detach()) & (True if grad_norm is None else torch.isfinite(grad_norm))
+    return accelerator.reduce(finite.float(), reduction="sum").item() == accelerator.num_processes
+
+
+def last_checkpoint(root: Path) -> str:
+    found = sorted(root.glob("step-*"), key=step_of) if root.is_dir() else []
+    return str(found[-1]) if found else "none (set train.save_every to keep some)"
+
+
+def flat(tree: dict) -> dict:
+    """{'train': {'seed': 1}} -> {'train.seed': 1}, with None as a string: what trackers accept."""
+    return {f"{section}.{k}": ("null" if v is None else v) for section, values in tree.items() for k, v in values.items()}
+
+
 def train(config: Config, resume: str | None = None, force_resume: bool = False) -> dict:
     """Run one DPO training job; returns the final held-out metrics (empty without eval data).
 
@@ -67,7 +89,9 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     # --- setup ---
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              cpu=not torch.accelerator.is_available())  # lets torchrun on CPU use gloo
+                              cpu=not torch.accelerator.is_available(),  # lets torchrun on CPU use gloo
+                              log_with=None if t.report_to == "none" else t.report_to,
+                              project_dir=Path(t.output_dir) / "tracking")
     log = accelerator.print
     out, checkpoints = Path(t.output_dir), Path(t.output_dir) / "checkpoints"
     start = resume_point(out, resume, force_resume, config.to_dict(), log)
@@ -94,11 +118,13 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     if eval_stats:
         log(f"eval data: {eval_stats}")
 
+    if t.gradient_checkpointing:
+        enable_activation_checkpointing(policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loaders are prepared on their own, below
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    collate_fn = partial(collate_packed if t.layout == "packed" else collate, pad_token_id=tokenizer.pad_token_id)
     if reference is not None:
         reference = place_reference(accelerator, reference)
     if m.precompute_reference and reference is not None:
@@ -119,8 +145,10 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = partial(LOSSES[l.type], beta=l.beta, reference_free=l.reference_free)
     evaluate = partial(preference_metrics, accelerator, loss_fn=loss_fn)
-    metrics_log = MetricsLog(out / "metrics.jsonl")
-    state = {"step": 0, "epoch": 0, "batches_done": 0}  # batches_done: micro-batches into `epoch`
+    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
+    if t.report_to != "none":
+        accelerator.init_trackers("dpo-train", config=flat(config.to_dict()))
+    state = {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0}  # batches_done: micro-batches into `epoch`
     if start is not None:
         accelerator.load_state(start)  # weights, optimizer, scheduler, RNG states of every process
         state = json.loads((start / STATE).read_text())
@@ -131,7 +159,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         f"{t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes} pairs")
 
     def save(step: int) -> Path:
-        state = {"step": step, "epoch": epoch, "batches_done": batches_done,
+        state = {"step": step, "epoch": epoch, "batches_done": batches_done, "skipped": skipped,
                  "metrics_bytes": metrics_log.size() if accelerator.is_main_process else 0}
         path = save_checkpoint(accelerator, checkpoints, step, state,
                                yaml.safe_dump(config.to_dict(), sort_keys=False), t.keep_last)
@@ -139,7 +167,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         return path
 
     # --- train ---
-    step, epoch = state["step"], state["epoch"]
+    step, epoch, skipped = state["step"], state["epoch"], state.get("skipped", 0)
     window, tokens, t0 = None, 0, time.perf_counter()
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
     with StopSignals() as stop:
@@ -152,10 +180,17 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
                 with accelerator.accumulate(policy):
                     loss, sums = training_step(policy, reference, batch, loss_fn)
                     accelerator.backward(loss)  # accelerate divides by grad_accum_steps
+                    finite = True
                     if accelerator.sync_gradients:
                         # None under DeepSpeed, which clips inside its engine (gradient_clipping)
                         grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
-                    optimizer.step()
+                        finite = all_finite(accelerator, loss, grad_norm)
+                        if not finite and t.on_nonfinite == "stop":
+                            raise NonFiniteError(f"step {step}: the loss or a gradient is NaN or infinite; stopped "
+                                                 f"without applying it. Last good checkpoint: {last_checkpoint(checkpoints)}")
+                        skipped += not finite
+                    if finite:  # else (on_nonfinite: skip) the update is dropped and counted
+                        optimizer.step()
                     optimizer.zero_grad()
                 window, tokens = add(window, sums), tokens + batch["num_tokens"]
                 if not accelerator.sync_gradients:
@@ -167,9 +202,9 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
                     elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
                     record = {**means({k: v for k, v in totals.items() if k != "tokens"}),
                               "grad_norm": None if grad_norm is None else grad_norm.item(), "lr": lr,
-                              "tokens/s": totals["tokens"].item() / elapsed}
+                              "tokens/s": totals["tokens"].item() / elapsed, "skipped_steps": skipped}
+                    metrics_log.write(step, record)
                     if accelerator.is_main_process:
-                        metrics_log.write(step, record)
                         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                              margin=f"{record['rewards/margins']:.3f}")
                     window, tokens = None, 0
@@ -177,9 +212,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
                 progress.update(1)
                 pause = time.perf_counter()  # evaluation and saving don't count toward tokens/s
                 if eval_loader and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                    record = evaluate(policy, reference, eval_loader, prefix="eval/")
-                    if accelerator.is_main_process:
-                        metrics_log.write(step, record)
+                    metrics_log.write(step, evaluate(policy, reference, eval_loader, prefix="eval/"))
                 stopping = stop_requested(accelerator, stop) and step < total_steps
                 if stopping or (t.save_every and step % t.save_every == 0 and step < total_steps):
                     path = save(step)
@@ -196,10 +229,11 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     if eval_loader:
         results = final_evaluation(accelerator, policy, reference, eval_loader, evaluate, tokenizer,
                                    eval_set, eval_rows, t.eval_max_new_tokens)
+        metrics_log.write(step, {f"eval/{k}": v for k, v in results["policy"].items() if k != "examples"})
         if accelerator.is_main_process:
-            metrics_log.write(step, {f"eval/{k}": v for k, v in results["policy"].items() if k != "examples"})
             (out / "eval_results.json").write_text(json.dumps(results, indent=2))
-    save_final(accelerator, policy, tokenizer, out / "final")
+    stats = {"train": train_stats} if eval_stats is None else {"train": train_stats, "eval": eval_stats}
+    save_final(accelerator, policy, tokenizer, out / "final", model_card(config.to_dict(), step, stats, results))
     log(f"Saved the trained policy and tokenizer to {out / 'final'}")
     accelerator.end_training()
     return results
