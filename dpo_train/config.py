@@ -72,7 +72,7 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     eval_max_new_tokens: int = 32  # greedy generation for eval rows that carry an `answer`
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    layout: Layout = "padded"  # padded: 2B right-padded rows; packed: one padding-free row, each prompt once
+    layout: Layout = "packed"  # packed: one [prompt|chosen|rejected] row per pair; padded: 2B padded rows
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     report_to: Tracker = "none"  # also log metrics to an Accelerate tracker, under {output_dir}/tracking
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update

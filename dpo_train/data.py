@@ -150,45 +150,49 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """B pairs -> one padding-free row where each pair's prompt appears once: [P1 C1 R1 P2 C2 R2 ...].
+    """B pairs -> B rows [prompt | chosen | rejected]: each prompt is encoded once for both answers.
 
-    A block attention mask lets every token see only its own pair, causally, and keeps the rejected
-    completion from seeing the chosen one; position ids restart at each pair and both completions
-    continue from the prompt's end, so each completion sees exactly what it would see alone.
+    A per-row attention mask is causal and keeps the rejected completion from seeing the chosen
+    one; position ids let both completions continue from the prompt's end, so each sees exactly
+    what it would see alone. Rows are left-padded to a common length T (pads attend only to
+    themselves and are never scored), which lines all completions up at the rows' ends: the LM
+    head then runs only over the last K' positions, those that predict completion tokens.
 
-    Returns input_ids, position_ids: (1, L); attention_mask: (1, 1, L, L) bool; and per completion
-    token (K of them): predict_positions (K,) the position whose logits predict it, targets (K,) the
-    token, owners (K,) its row in the 2B chosen-then-rejected order; num_rows: () = 2B; num_tokens.
+    Returns input_ids, position_ids: (B, T); attention_mask: (B, 1, T, T) bool; logits_to_keep:
+    (K',) the positions the head runs over; and for the K completion tokens: predict_index (K,)
+    the row of the (B*K', V) logits that predicts each, targets (K,), owners (K,) its row in the
+    2B chosen-then-rejected order; num_rows: () = 2B; num_tokens: () the pairs' own tokens.
     """
     num_pairs = len(pairs)
-    input_ids, position_ids, segment, is_rejected, is_chosen = [], [], [], [], []
-    predict_positions, targets, owners = [], [], []
+    lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
+    width = max(lengths)
+    # the earliest predicting position is the last prompt token of the pair with the longest completions
+    first_kept = min(width - len(p["chosen_ids"]) - len(p["rejected_ids"]) - 1 for p in pairs)
+    kept = width - first_kept
+    input_ids = torch.full((num_pairs, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((num_pairs, width), dtype=torch.long)
+    attention_mask = torch.eye(width, dtype=torch.bool).repeat(num_pairs, 1, 1, 1)  # (B, 1, T, T)
+    predict_index, targets, owners = [], [], []
     for i, pair in enumerate(pairs):
         prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
-        start, p = len(input_ids), len(prompt)
-        input_ids += prompt + chosen + rejected
-        position_ids += list(range(p)) + list(range(p, p + len(chosen))) + list(range(p, p + len(rejected)))
-        segment += [i] * (p + len(chosen) + len(rejected))
-        is_chosen += [False] * p + [True] * len(chosen) + [False] * len(rejected)
-        is_rejected += [False] * (p + len(chosen)) + [True] * len(rejected)
-        last_prompt = start + p - 1
-        for side, completion, offset, owner in ((0, chosen, p, i), (1, rejected, p + len(chosen), num_pairs + i)):
-            first = start + offset
-            # token j is predicted by the token before it; the first one by the prompt's last token
-            predict_positions += [last_prompt] + list(range(first, first + len(completion) - 1))
+        p, c, r, pad = len(prompt), len(chosen), len(rejected), width - lengths[i]
+        input_ids[i, pad:] = torch.tensor(prompt + chosen + rejected)
+        position_ids[i, pad:] = torch.tensor(list(range(p + c)) + list(range(p, p + r)))
+        causal = torch.ones(lengths[i], lengths[i], dtype=torch.bool).tril()
+        causal[p + c:, p:p + c] = False  # the rejected answer never sees the chosen one
+        attention_mask[i, 0, pad:, pad:] = causal
+        last_prompt = pad + p - 1
+        for completion, start, owner in ((chosen, pad + p, i), (rejected, pad + p + c, num_pairs + i)):
+            # token j is predicted by the position before it; the first one by the prompt's last token
+            positions = [last_prompt] + list(range(start, start + len(completion) - 1))
+            predict_index += [i * kept + position - first_kept for position in positions]
             targets += completion
             owners += [owner] * len(completion)
-    segment, is_chosen, is_rejected = map(torch.tensor, (segment, is_chosen, is_rejected))
-    length = len(input_ids)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    same_pair = segment[:, None] == segment[None, :]
-    rejected_sees_chosen = is_rejected[:, None] & is_chosen[None, :]
     batch = {
-        "input_ids": torch.tensor([input_ids]), "position_ids": torch.tensor([position_ids]),
-        "attention_mask": (causal & same_pair & ~rejected_sees_chosen)[None, None],
-        "predict_positions": torch.tensor(predict_positions), "targets": torch.tensor(targets),
-        "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * num_pairs),
-        "num_tokens": torch.tensor(length),
+        "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
+        "logits_to_keep": torch.arange(first_kept, width), "predict_index": torch.tensor(predict_index),
+        "targets": torch.tensor(targets), "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * num_pairs),
+        "num_tokens": torch.tensor(sum(lengths)),
     }
     for key in ("reference_chosen_logps", "reference_rejected_logps"):
         if key in pairs[0]:

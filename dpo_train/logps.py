@@ -12,14 +12,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(token) over each row's labelled (completion) tokens.
 
     logits: (N, T, V), labels: (N, T) with IGNORE_INDEX on prompt and padding -> (N,) fp32.
-    Position t predicts token t+1, so the shift happens here, once: logits[:, :-1] vs labels[:, 1:].
+    Position t predicts token t+1: logits[:, :-1] are scored against labels[:, 1:]. Only the
+    labelled positions reach the log-softmax, in chunks (token_logps).
     """
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    targets = labels.masked_fill(~mask, 0)  # any valid index; masked out below
-    # log softmax at the target = logit at the target - logsumexp over the vocabulary
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logps * mask).sum(-1)
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # next token
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    per_token = token_logps(logits[rows, positions], targets[rows, positions])
+    return per_token.new_zeros(logits.shape[0]).index_add(0, rows, per_token)
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
@@ -32,20 +31,21 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1
         chunk = chunk.float()
         return chunk.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - chunk.logsumexp(-1)
 
-    return torch.cat([checkpoint(chunk_logps, c, t, use_reentrant=False) if c.requires_grad else chunk_logps(c, t)
+    recompute = logits.requires_grad and logits.dtype != torch.float32  # in fp32 there is no copy to save
+    return torch.cat([checkpoint(chunk_logps, c, t, use_reentrant=False) if recompute else chunk_logps(c, t)
                       for c, t in zip(logits.split(chunk_size), targets.split(chunk_size))])
 
 
 def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over a packed shared-prompt row (data.collate_packed). The LM head runs only at
-    the K positions that predict completion tokens, never over prompts or padding.
+    """One forward over shared-prompt rows (data.collate_packed). The LM head runs only over the
+    rows' last K' positions, where the completions are, never over prompts.
 
     Returns (chosen_logps, rejected_logps), each (B,), equal to concatenated_forward's.
     """
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=batch["attention_mask"], logits_to_keep=batch["predict_positions"],
-                   use_cache=False).logits[0]  # (K, V)
-    per_token = token_logps(logits, batch["targets"])
+                   attention_mask=batch["attention_mask"], logits_to_keep=batch["logits_to_keep"],
+                   use_cache=False).logits  # (B, K', V)
+    per_token = token_logps(logits.flatten(0, 1)[batch["predict_index"]], batch["targets"])  # (K,)
     logps = per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
@@ -53,11 +53,11 @@ def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over a collated batch: the 2B padded rows of data.collate (chosen first, then
-    rejected), or the packed row of data.collate_packed.
+    rejected), or the shared-prompt rows of data.collate_packed.
 
     Returns (chosen_logps, rejected_logps), each (B,).
     """
-    if "predict_positions" in batch:
+    if "predict_index" in batch:
         return packed_forward(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     logps = sequence_logps(logits, batch["labels"])
@@ -73,13 +73,15 @@ def policy_and_reference_logps(policy: torch.nn.Module, reference: torch.nn.Modu
     as they are. With neither (a reference-free loss) they are zeros, which makes the rewards
     beta * policy log-probs.
     """
-    policy_chosen_logps, policy_rejected_logps = concatenated_forward(policy, batch)
     if "reference_chosen_logps" in batch:
-        return (policy_chosen_logps, policy_rejected_logps, batch["reference_chosen_logps"],
-                batch["reference_rejected_logps"])
-    if reference is None:
+        reference_logps = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+    elif reference is not None:  # first: its transient memory is freed before the policy's activations exist
+        with torch.no_grad():
+            reference_logps = concatenated_forward(reference, batch)
+    else:
+        reference_logps = None
+    policy_chosen_logps, policy_rejected_logps = concatenated_forward(policy, batch)
+    if reference_logps is None:
         zeros = torch.zeros_like(policy_chosen_logps).detach()
-        return policy_chosen_logps, policy_rejected_logps, zeros, zeros
-    with torch.no_grad():
-        reference_chosen_logps, reference_rejected_logps = concatenated_forward(reference, batch)
-    return policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        reference_logps = zeros, zeros
+    return policy_chosen_logps, policy_rejected_logps, *reference_logps

@@ -42,19 +42,25 @@ def test_packed_rows_give_the_padded_log_probs_loss_and_gradients():
         assert torch.allclose(grad, packed[3][name], atol=1e-5), name
 
 
-def test_packed_row_has_no_padding_and_each_prompt_once():
+def test_shared_prompt_rows_hold_each_prompt_once_and_score_only_completions():
     tokenizer, tokenized = pairs()
     batch = collate_packed(tokenized, tokenizer.pad_token_id)
-    length = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized)
-    assert batch["input_ids"].shape == (1, length) and batch["num_tokens"].item() == length
+    lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized]
+    assert batch["input_ids"].shape == (3, max(lengths)) and batch["num_tokens"].item() == sum(lengths)
     assert len(batch["targets"]) == sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized)
-    mask = batch["attention_mask"][0, 0]
-    p0, c0, r0 = (len(tokenized[0][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    longest_completions = max(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized)
+    assert len(batch["logits_to_keep"]) == longest_completions + 1  # the head never runs over prompts
+    width, (p0, c0, r0) = max(lengths), (len(tokenized[0][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    pad = width - lengths[0]
+    row = batch["input_ids"][0]
+    assert row[:pad].eq(tokenizer.pad_token_id).all() and row[pad:].tolist() == (
+        tokenized[0]["prompt_ids"] + tokenized[0]["chosen_ids"] + tokenized[0]["rejected_ids"])
+    mask = batch["attention_mask"][0, 0, pad:, pad:]
     rejected_rows, chosen_cols = slice(p0 + c0, p0 + c0 + r0), slice(p0, p0 + c0)
     assert not mask[rejected_rows, chosen_cols].any()  # the rejected answer never sees the chosen one
     assert mask[rejected_rows, :p0].all()  # but sees the whole prompt
-    assert not mask[p0 + c0 + r0:, : p0 + c0 + r0].any()  # the next pair sees nothing of this one
-    assert batch["position_ids"][0, p0 + c0].item() == p0  # rejected continues from the prompt's end
+    assert not batch["attention_mask"][0, 0, pad:, :pad].any()  # nor the padding
+    assert batch["position_ids"][0, pad + p0 + c0].item() == p0  # rejected continues from the prompt's end
 
 
 def test_chunked_token_logps_match_a_full_log_softmax_with_gradients():
@@ -82,10 +88,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(g, checkpointed[3][n], atol=1e-5) for n, g in plain[3].items())
 
 
-def test_a_packed_run_starts_at_ln2_and_learns(tmp_path, tiny_model_dir, tiny_data):
+def test_a_padded_run_starts_at_ln2_and_learns(tmp_path, tiny_model_dir, tiny_data):
     from dpo_train.trainer import train
     from test_trainer import read_metrics, tiny_config
-    results = train(tiny_config(tmp_path, tiny_model_dir, tiny_data, "train.layout=packed",
+    results = train(tiny_config(tmp_path, tiny_model_dir, tiny_data, "train.layout=padded",
                                 "train.eval_max_new_tokens=0"))
     assert abs(read_metrics(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6
     assert results["policy"]["loss"] < math.log(2)
