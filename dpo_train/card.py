@@ -9,7 +9,7 @@ def model_card(config: dict, steps: int, data_stats: dict, results: dict) -> str
     """Markdown: the resolved config, data statistics and final held-out metrics."""
     lines = ["---", "library_name: transformers", "tags: [dpo, dpo-train]", "---", "",
              "# DPO-trained policy", "",
-             f"Trained with [dpo-train](https://pypi.org/project/dpo-train/) from `{config['model']['name_or_path']}` "
+             f"Trained with dpo-train from `{config['model']['name_or_path']}` "
              f"for {steps} optimizer steps with the `{config['loss']['type']}` loss (beta {config['loss']['beta']}).",
              "", "## Data", ""]
     for name, stats in data_stats.items():
