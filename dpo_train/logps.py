@@ -24,8 +24,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """log p(target) per row of logits, the log-softmax taken in fp32 one chunk at a time.
 
-    logits: (K, V) in any dtype, targets: (K,) -> (K,) fp32. Each chunk is recomputed in the
-    backward pass instead of being kept, so no fp32 copy of (K, V) ever exists at once.
+    logits: (K, V) in any dtype, targets: (K,) -> (K,) fp32. The log-softmax's temporaries are
+    chunk-sized; for bf16/fp16 logits each chunk's fp32 copy is recomputed in the backward pass
+    instead of being kept, so no fp32 copy of (K, V) ever exists at once.
     """
     def chunk_logps(chunk: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
         chunk = chunk.float()
