@@ -74,6 +74,7 @@ class TrainConfig:
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
     layout: Layout = "packed"  # packed: one [prompt|chosen|rejected] row per pair; padded: 2B padded rows
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    compile: bool = False  # torch.compile the policy (inductor, dynamic shapes); the first steps compile
     report_to: Tracker = "none"  # also log metrics to an Accelerate tracker, under {output_dir}/tracking
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
 

@@ -120,6 +120,8 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
 
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
+    if t.compile:  # in place: parameter names, checkpoints and the saved model are unchanged
+        policy.compile(dynamic=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loaders are prepared on their own, below
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size

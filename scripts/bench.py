@@ -32,11 +32,11 @@ WORDS = ("the cat dog sun red blue green tree house river stone light water fire
          "bird fish road town city king queen book song time day night year hand eye door wall").split()
 
 
-def make_pairs(shape: str, n: int, seed: int = 0) -> list[dict]:
+def make_pairs(shape: str, n: int, scale: float = 1.0, seed: int = 0) -> list[dict]:
     """Conversational pairs (so that both trainers render them with the chat template) whose
     lengths are fixed by the shape; the two completions differ from their first word."""
     rng = random.Random(seed)
-    prompt_words, completion_words = SHAPES[shape]
+    prompt_words, completion_words = (round(k * scale) for k in SHAPES[shape])
     text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
     turn = lambda role, content: [{"role": role, "content": content}]
     return [{"prompt": turn("user", text(prompt_words)), "chosen": turn("assistant", "yes " + text(completion_words - 1)),
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds per shape")
     parser.add_argument("--shapes", default="prompt-heavy,completion-heavy")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every length of the shapes")
     parser.add_argument("--layouts", default="packed", help="our layouts to run: padded, packed or both")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -133,7 +134,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         data = Path(tempfile.mkdtemp()) / f"{shape}.jsonl"
-        pairs = make_pairs(shape, n=args.batch * (args.steps + 1))
+        pairs = make_pairs(shape, n=args.batch * (args.steps + 1), scale=args.scale)
         data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         tokens_per_pair = pair_tokens(args.model, pairs, args.max_length)
         results = {name: [] for name in trainers}
@@ -156,7 +157,7 @@ def main() -> None:
                          "pairs/s": args.batch / step_seconds, "peak_mb": max(r["peak_mb"] for r in runs),
                          "tokens_per_pair": tokens_per_pair})
     print(f"\nmodel {args.model}, {args.dtype}, {args.batch} pairs per step, {args.steps} timed steps, "
-          f"{args.repeats} round(s)")
+          f"{args.repeats} round(s), lengths x{args.scale}")
     print(f"{'shape':18s}{'trainer':15s}{'tokens/s':>10s}{'pairs/s':>9s}{'peak MB':>9s}"
           f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}")
     for row in rows:

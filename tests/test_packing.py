@@ -3,6 +3,7 @@ checkpointing give the padded path's log-probs, loss and gradients to 1e-5 in fp
 
 import math
 
+import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
@@ -95,3 +96,23 @@ def test_a_padded_run_starts_at_ln2_and_learns(tmp_path, tiny_model_dir, tiny_da
                                 "train.eval_max_new_tokens=0"))
     assert abs(read_metrics(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6
     assert results["policy"]["loss"] < math.log(2)
+
+
+@pytest.mark.slow
+def test_compiled_policy_trains_to_the_same_weights(tmp_path, tiny_model_dir, tiny_data):
+    """train.compile (inductor, about a minute to compile on CPU) changes speed, not results."""
+    from safetensors.torch import load_file
+
+    from dpo_train.trainer import train
+    from test_trainer import tiny_config
+    from torch._dynamo.utils import counters
+    counters.clear()
+    runs = {}
+    for compiled in ("false", "true"):
+        out = tmp_path / f"compile-{compiled}"
+        train(tiny_config(tmp_path, tiny_model_dir, tiny_data, "train.max_steps=3", "data.eval=null",
+                          f"train.compile={compiled}", f"train.output_dir={out}", "train.learning_rate=1e-4"))
+        runs[compiled] = load_file(out / "final" / "model.safetensors")
+    assert counters["stats"]["unique_graphs"] > 0  # the compiled run really went through inductor
+    assert runs["false"].keys() == runs["true"].keys()
+    assert all(torch.allclose(runs["false"][k], runs["true"][k], atol=1e-5) for k in runs["false"])
