@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .card import model_card
-from .checkpoint import STATE, StopSignals, Stopped, resume_point, save_checkpoint, save_final, step_of
+from .checkpoint import (STATE, StopSignals, Stopped, complete_checkpoints, resume_point, save_checkpoint,
+                         save_final)
 from .config import Config, save_config
 from .data import build_dataset, collate, collate_packed
 from .evaluate import exact_match, generate, metrics_table, preference_metrics
@@ -70,7 +71,7 @@ def all_finite(accelerator, loss: torch.Tensor, grad_norm) -> bool:
 
 
 def last_checkpoint(root: Path) -> str:
-    found = sorted(root.glob("step-*"), key=step_of) if root.is_dir() else []
+    found = complete_checkpoints(root) if root.is_dir() else []
     return str(found[-1]) if found else "none (set train.save_every to keep some)"
 
 
