@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from conftest import make_tokenizer, write_jsonl
 from dpo_train.data import IGNORE_INDEX, DataError, build_dataset, collate, render, tokenize_pair

@@ -37,7 +37,7 @@ def test_eval_matches_a_naive_computation(tmp_path, tiny_model_dir, other_model_
     tokenizer = AutoTokenizer.from_pretrained(other_model_dir)
     model, ref = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (other_model_dir, tiny_model_dir))
     rows = [json.loads(line) for line in open(tiny_data[1])]
-    margins, losses, answers_right = [], [], 0
+    margins, losses = [], []
     with torch.no_grad():
         for row in rows:
             pair = tokenize_pair(row, tokenizer, 512, 256)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_model, make_tokenizer
 from dpo_train.data import collate, collate_packed, tokenize_pair
-from dpo_train.logps import concatenated_forward, sequence_logps, token_logps
+from dpo_train.logps import concatenated_forward, token_logps
 from dpo_train.losses import dpo_loss
 from dpo_train.models import enable_activation_checkpointing
 

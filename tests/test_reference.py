@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from dpo_train.models import load_policy_and_reference
