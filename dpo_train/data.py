@@ -14,6 +14,7 @@ import torch
 from .rows import FIELDS, DataError, check_rows, load_rows, with_implicit_prompts
 
 IGNORE_INDEX = -100  # label of every token the loss skips: prompt and padding
+REFERENCE_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")  # precomputed, per pair
 
 
 def render(row: dict, tokenizer) -> tuple[str, str, str, bool]:
@@ -123,6 +124,11 @@ def build_dataset(source: str, split: str, tokenizer, max_length: int, max_promp
     return kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]), rows.select(keep), stats
 
 
+def precomputed_reference(pairs: list[dict]) -> dict[str, torch.Tensor]:
+    """The pairs' precomputed reference log-probs as (B,) tensors, when the dataset carries them."""
+    return {key: torch.tensor([p[key] for p in pairs]) for key in REFERENCE_COLUMNS if key in pairs[0]}
+
+
 def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one batch of 2B right-padded rows, all chosen first, then all rejected,
     so one forward pass scores both sides.
@@ -141,12 +147,8 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[i, len(prompt):n] = torch.tensor(completion)
         attention_mask[i, :n] = 1
     num_tokens = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "num_tokens": torch.tensor(num_tokens)}
-    for key in ("reference_chosen_logps", "reference_rejected_logps"):  # present when precomputed: (B,)
-        if key in pairs[0]:
-            batch[key] = torch.tensor([p[key] for p in pairs])
-    return batch
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "num_tokens": torch.tensor(num_tokens), **precomputed_reference(pairs)}
 
 
 def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -188,13 +190,9 @@ def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tens
             predict_index += [i * kept + position - first_kept for position in positions]
             targets += completion
             owners += [owner] * len(completion)
-    batch = {
+    return {
         "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
         "logits_to_keep": torch.arange(first_kept, width), "predict_index": torch.tensor(predict_index),
         "targets": torch.tensor(targets), "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * num_pairs),
-        "num_tokens": torch.tensor(sum(lengths)),
+        "num_tokens": torch.tensor(sum(lengths)), **precomputed_reference(pairs),
     }
-    for key in ("reference_chosen_logps", "reference_rejected_logps"):
-        if key in pairs[0]:
-            batch[key] = torch.tensor([p[key] for p in pairs])
-    return batch

@@ -37,31 +37,27 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1
                       for c, t in zip(logits.split(chunk_size), targets.split(chunk_size))])
 
 
-def packed_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over shared-prompt rows (data.collate_packed). The LM head runs only over the
-    rows' last K' positions, where the completions are, never over prompts.
-
-    Returns (chosen_logps, rejected_logps), each (B,), equal to concatenated_forward's.
-    """
+def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Completion log-probs of shared-prompt rows (data.collate_packed), (2B,) chosen then rejected.
+    The LM head runs only over the rows' last K' positions, where the completions are."""
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                    attention_mask=batch["attention_mask"], logits_to_keep=batch["logits_to_keep"],
                    use_cache=False).logits  # (B, K', V)
     per_token = token_logps(logits.flatten(0, 1)[batch["predict_index"]], batch["targets"])  # (K,)
-    logps = per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
-    half = logps.shape[0] // 2
-    return logps[:half], logps[half:]
+    return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
 
 
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over a collated batch: the 2B padded rows of data.collate (chosen first, then
-    rejected), or the shared-prompt rows of data.collate_packed.
+    """One forward over a collated batch: the shared-prompt rows of data.collate_packed, or the
+    2B padded rows of data.collate (chosen first, then rejected). Both give the same numbers.
 
     Returns (chosen_logps, rejected_logps), each (B,).
     """
     if "predict_index" in batch:
-        return packed_forward(model, batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps = sequence_logps(logits, batch["labels"])
+        logps = packed_logps(model, batch)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logps = sequence_logps(logits, batch["labels"])
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 

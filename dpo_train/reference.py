@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .data import REFERENCE_COLUMNS
 from .logps import concatenated_forward
 
-COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")
 
 
 def cache_key(reference: torch.nn.Module, dataset, settings: str) -> str:
@@ -56,6 +56,6 @@ def attach(accelerator, reference, dataset, collate_fn, batch_size: int, cache_d
             tmp.rename(path)  # appears whole or not at all
         log(f"Reference log-probs for {len(dataset)} pairs computed and cached in {path}")
     accelerator.wait_for_everyone()
-    for i, column in enumerate(COLUMNS):
+    for i, column in enumerate(REFERENCE_COLUMNS):
         dataset = dataset.add_column(column, logps[:, i].tolist())
     return dataset
