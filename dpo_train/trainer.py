@@ -52,12 +52,11 @@ def training_step(policy, reference, batch, loss_fn):
     return losses.mean(), sums
 
 
-def stop_requested(accelerator, stop: StopSignals) -> bool:
-    """True on every process once any process has received SIGTERM/SIGINT."""
+def on_any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on at least one (one all-reduce when distributed)."""
     if accelerator.num_processes == 1:
-        return stop.received is not None
-    flag = torch.tensor(float(stop.received is not None), device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() > 0
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
 
 
 class NonFiniteError(RuntimeError):
@@ -66,8 +65,8 @@ class NonFiniteError(RuntimeError):
 
 def all_finite(accelerator, loss: torch.Tensor, grad_norm) -> bool:
     """Whether every process's loss and the gradient norm are finite (the same answer everywhere)."""
-    finite = torch.isfinite(loss.detach()) & (True if grad_norm is None else torch.isfinite(grad_norm))
-    return accelerator.reduce(finite.float(), reduction="sum").item() == accelerator.num_processes
+    finite = torch.isfinite(loss.detach()).item() and (grad_norm is None or torch.isfinite(grad_norm).item())
+    return not on_any_process(accelerator, not finite)
 
 
 def last_checkpoint(root: Path) -> str:
@@ -216,7 +215,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
                 pause = time.perf_counter()  # evaluation and saving don't count toward tokens/s
                 if eval_loader and t.eval_every and step % t.eval_every == 0 and step < total_steps:
                     metrics_log.write(step, evaluate(policy, reference, eval_loader, prefix="eval/"))
-                stopping = stop_requested(accelerator, stop) and step < total_steps
+                stopping = on_any_process(accelerator, stop.received is not None) and step < total_steps
                 if stopping or (t.save_every and step % t.save_every == 0 and step < total_steps):
                     path = save(step)
                 if stopping:
