@@ -19,11 +19,17 @@ from .logps import concatenated_forward
 
 
 
-def cache_key(reference: torch.nn.Module, dataset, settings: str) -> str:
-    digest = hashlib.sha256(settings.encode())
+def weights_digest(reference: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
     for name, tensor in sorted(reference.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(weights: str, dataset, settings: str) -> str:
+    """Hash of the reference weights' digest, the tokenized pairs and the log-prob settings."""
+    digest = hashlib.sha256((weights + settings).encode())
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         digest.update(repr(dataset[column]).encode())
     return digest.hexdigest()[:20]
@@ -41,9 +47,16 @@ def compute(accelerator, reference, dataset, collate_fn, batch_size: int) -> tor
     return torch.cat(chunks).float().cpu()
 
 
-def attach(accelerator, reference, dataset, collate_fn, batch_size: int, cache_dir: Path, log=print):
-    """Return `dataset` with reference log-prob columns, computed once or read from the cache."""
-    path = cache_dir / "reference_logps" / f"{cache_key(reference, dataset, 'sum-over-completion-v1')}.pt"
+def attach(accelerator, reference, datasets: list, collate_fn, batch_size: int, cache_dir: Path, log=print) -> list:
+    """Return `datasets` (None entries stay None) with reference log-prob columns, each computed
+    once or read from the cache. The weights, the costly part of the key, are hashed once."""
+    weights = weights_digest(reference)
+    return [None if dataset is None else _attach_one(accelerator, reference, weights, dataset, collate_fn,
+                                                    batch_size, cache_dir, log) for dataset in datasets]
+
+
+def _attach_one(accelerator, reference, weights: str, dataset, collate_fn, batch_size: int, cache_dir: Path, log):
+    path = cache_dir / "reference_logps" / f"{cache_key(weights, dataset, 'sum-over-completion-v1')}.pt"
     if path.is_file():
         logps = torch.load(path)
         log(f"Reference log-probs for {len(dataset)} pairs read from {path}")

@@ -130,10 +130,8 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     if reference is not None:
         reference = place_reference(accelerator, reference)
     if m.precompute_reference and reference is not None:
-        attach = partial(precomputed.attach, accelerator, reference, collate_fn=collate_fn,
-                         batch_size=t.per_device_batch_size, cache_dir=cache_dir(), log=log)
-        train_set = attach(train_set)
-        eval_set = attach(eval_set) if eval_set is not None else None
+        train_set, eval_set = precomputed.attach(accelerator, reference, [train_set, eval_set], collate_fn,
+                                                 t.per_device_batch_size, cache_dir(), log)
         reference = None  # freed: training now holds one model
     train_loader = DataLoader(train_set, batch_size=t.per_device_batch_size, shuffle=True, collate_fn=collate_fn)
     eval_loader = None

@@ -1,7 +1,7 @@
 import torch
 
 from dpo_train.models import load_policy_and_reference
-from dpo_train.reference import cache_key
+from dpo_train.reference import cache_key, weights_digest
 from dpo_train.trainer import train
 from test_trainer import read_metrics, tiny_config
 
@@ -34,10 +34,11 @@ def test_cache_key_changes_with_weights_data_and_settings(tiny_model_dir):
     from datasets import Dataset
     _, reference = load_policy_and_reference(str(tiny_model_dir), None, "float32")
     data = Dataset.from_dict({"prompt_ids": [[1, 2]], "chosen_ids": [[3]], "rejected_ids": [[4]]})
-    key = cache_key(reference, data, "s")
-    assert cache_key(reference, data, "s") == key
-    assert cache_key(reference, data, "t") != key
-    assert cache_key(reference, Dataset.from_dict({**data.to_dict(), "chosen_ids": [[5]]}), "s") != key
+    weights = weights_digest(reference)
+    key = cache_key(weights, data, "s")
+    assert cache_key(weights_digest(reference), data, "s") == key
+    assert cache_key(weights, data, "t") != key
+    assert cache_key(weights, Dataset.from_dict({**data.to_dict(), "chosen_ids": [[5]]}), "s") != key
     with torch.no_grad():
         reference.lm_head.weight[0, 0] += 1
-    assert cache_key(reference, data, "s") != key
+    assert cache_key(weights_digest(reference), data, "s") != key
