@@ -9,6 +9,7 @@ a cache: the tokenizer conversion is slow, and a GGUF-loaded model refuses `save
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import os
@@ -47,6 +48,13 @@ def resolve(name_or_path: str) -> str:
     return str(path)
 
 
+@functools.cache
+def file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Content hash of a file, computed once per process for a given (path, size, mtime):
+    the tokenizer and each model load ask for the same GGUF file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def hf_dir(name_or_path: str) -> str:
     """Return something `from_pretrained` loads directly: a hub id, a local directory, or a
     converted copy of a GGUF file (made on first use, then reused)."""
@@ -56,8 +64,8 @@ def hf_dir(name_or_path: str) -> str:
     gguf = Path(path)
     if not gguf.is_file():
         raise ModelError(f"{name_or_path}: GGUF file not found")
-    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest}"
+    stat = gguf.stat()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{file_digest(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)}"
     if (target / "config.json").is_file():
         return str(target)
     print(f"Converting {gguf.name} to a Hugging Face checkpoint in {target} (once; later runs reuse it)")
