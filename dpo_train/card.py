@@ -11,7 +11,14 @@ def model_card(config: dict, steps: int, data_stats: dict, results: dict) -> str
              "# DPO-trained policy", "",
              f"Trained with dpo-train from `{config['model']['name_or_path']}` "
              f"for {steps} optimizer steps with the `{config['loss']['type']}` loss (beta {config['loss']['beta']}).",
-             "", "## Data", ""]
+             ""]
+    lora = config["model"].get("lora", {})
+    if lora.get("r"):
+        lines += [f"This directory holds a LoRA adapter (rank {lora['r']}, alpha {lora['alpha']}) for that model; "
+                  "`AutoModelForCausalLM.from_pretrained` loads base and adapter together when `peft` is installed"
+                  + (", and `merged/` holds a plain model with the adapter folded in." if lora.get("save_merged")
+                     else "."), ""]
+    lines += ["## Data", ""]
     for name, stats in data_stats.items():
         lines.append(f"- {name} (`{config['data'][name]}`): {stats}")
     if results:

@@ -176,13 +176,18 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [k for k in keys if k not in SAFE_TO_CHANGE]
 
 
-def save_final(accelerator, policy, tokenizer, directory: Path, card: str) -> None:
+def save_final(accelerator, policy, tokenizer, directory: Path, card: str, merged: bool = False) -> None:
     """Write the policy, tokenizer and a model card (README.md) so that `from_pretrained` loads
-    them. Every process takes part (sharded engines gather the weights); only the main process writes."""
+    them. A LoRA policy (peft) writes only its adapter, and with `merged` also `merged/`: a plain
+    model with the adapter folded in. Every process takes part (sharded engines gather the
+    weights); only the main process writes."""
     state_dict = accelerator.get_state_dict(policy)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(policy).save_pretrained(directory, state_dict=state_dict,
-                                                         safe_serialization=True)
+        model = accelerator.unwrap_model(policy)
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
         (directory / "README.md").write_text(card)
+        if merged:  # last: merging changes the policy in place
+            model.merge_and_unload().save_pretrained(directory / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(directory / "merged")
     accelerator.wait_for_everyone()

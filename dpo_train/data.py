@@ -124,6 +124,12 @@ def build_dataset(source: str, split: str, tokenizer, max_length: int, max_promp
     return kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]), rows.select(keep), stats
 
 
+def completion_lengths(pairs: list[dict]) -> dict[str, torch.Tensor]:
+    """Token counts of the chosen and rejected completions, (B,) each: length-normalised losses
+    and the SFT term divide by them."""
+    return {f"{side}_lengths": torch.tensor([len(p[f"{side}_ids"]) for p in pairs]) for side in ("chosen", "rejected")}
+
+
 def precomputed_reference(pairs: list[dict]) -> dict[str, torch.Tensor]:
     """The pairs' precomputed reference log-probs as (B,) tensors, when the dataset carries them."""
     return {key: torch.tensor([p[key] for p in pairs]) for key in REFERENCE_COLUMNS if key in pairs[0]}
@@ -134,7 +140,8 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     so one forward pass scores both sides.
 
     Returns input_ids, attention_mask, labels: (2B, T); num_tokens: () the pairs' own tokens
-    (prompt + chosen + rejected, counted once), the work a user needs done.
+    (prompt + chosen + rejected, counted once), the work a user needs done; chosen_lengths,
+    rejected_lengths: (B,) completion token counts.
     """
     rows = [(p["prompt_ids"], p[side]) for side in ("chosen_ids", "rejected_ids") for p in pairs]
     width = max(len(prompt) + len(completion) for prompt, completion in rows)
@@ -148,7 +155,7 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         attention_mask[i, :n] = 1
     num_tokens = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "num_tokens": torch.tensor(num_tokens), **precomputed_reference(pairs)}
+            "num_tokens": torch.tensor(num_tokens), **completion_lengths(pairs), **precomputed_reference(pairs)}
 
 
 def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -163,7 +170,8 @@ def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tens
     Returns input_ids, position_ids: (B, T); attention_mask: (B, 1, T, T) bool; logits_to_keep:
     (K',) the positions the head runs over; and for the K completion tokens: predict_index (K,)
     the row of the (B*K', V) logits that predicts each, targets (K,), owners (K,) its row in the
-    2B chosen-then-rejected order; num_rows: () = 2B; num_tokens: () the pairs' own tokens.
+    2B chosen-then-rejected order; num_rows: () = 2B; num_tokens: () the pairs' own tokens;
+    chosen_lengths, rejected_lengths: (B,) completion token counts.
     """
     num_pairs = len(pairs)
     lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
@@ -194,5 +202,5 @@ def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tens
         "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
         "logits_to_keep": torch.arange(first_kept, width), "predict_index": torch.tensor(predict_index),
         "targets": torch.tensor(targets), "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * num_pairs),
-        "num_tokens": torch.tensor(sum(lengths)), **precomputed_reference(pairs),
+        "num_tokens": torch.tensor(sum(lengths)), **completion_lengths(pairs), **precomputed_reference(pairs),
     }

@@ -134,10 +134,17 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_policy_and_reference(name_or_path: str, ref_name_or_path: str | None, dtype: str,
-                              need_reference: bool = True):
-    """Return (policy, reference); the reference is None when the loss needs none."""
+                              need_reference: bool = True, lora: dict | None = None):
+    """Return (policy, reference); the reference is None when the loss needs none.
+
+    With `lora` (peft LoraConfig arguments) the policy is the model with a trainable adapter and
+    everything else frozen, and the reference is the same model with the adapter switched off.
+    """
     policy = load_model(name_or_path, dtype)
     policy.train()
+    if lora:
+        policy = add_lora(policy, **lora)
+        return policy, (AdapterDisabled(policy) if need_reference else None)
     if not need_reference:
         return policy, None
     if ref_name_or_path in (None, name_or_path):
@@ -145,6 +152,38 @@ def load_policy_and_reference(name_or_path: str, ref_name_or_path: str | None, d
     else:
         reference = load_model(ref_name_or_path, dtype)
     return policy, freeze(reference)
+
+
+def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, target_modules: list[str]):
+    """Wrap `model` with a LoRA adapter (peft); only the adapter's weights train. lora_B starts
+    at zero, so at step 0 the policy equals the base model and the loss is ln 2."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelError("model.lora needs the peft package: pip install 'dpo-train[lora]'") from None
+    targets = "all-linear" if target_modules == ["all-linear"] else target_modules
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. a target module name the model does not have
+        raise ModelError(f"model.lora: {str(e).splitlines()[0]}") from None
+
+
+class AdapterDisabled(torch.nn.Module):
+    """The reference of a LoRA policy: the policy with its adapter switched off, which is exactly
+    the frozen base model. One copy of the weights serves both sides."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, **inputs):
+        with self.policy.disable_adapter():
+            return self.policy(**inputs)
+
+    def generate(self, **inputs):
+        with self.policy.disable_adapter():
+            return self.policy.generate(**inputs)
 
 
 def place_reference(accelerator, reference: PreTrainedModel) -> torch.nn.Module:

@@ -27,11 +27,11 @@ from .config import Config, save_config
 from .data import build_dataset, collate, collate_packed
 from .evaluate import exact_match, generate, metrics_table, preference_metrics
 from .logps import policy_and_reference_logps
-from .losses import LOSSES
+from .losses import REFERENCE_FREE, objective
 from .metrics import MetricsLog, add, means, pair_metrics
 from . import reference as precomputed
-from .models import (cache_dir, enable_activation_checkpointing, load_policy_and_reference, load_tokenizer,
-                     place_reference)
+from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, load_policy_and_reference,
+                     load_tokenizer, place_reference)
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -43,11 +43,12 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def training_step(policy, reference, batch, loss_fn):
-    """Policy forward, reference forward (no grad), loss. Returns (mean loss, metric sums)."""
+    """Reference forward (no grad), policy forward, loss. Returns (mean loss, metric sums)."""
     policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps = (
         policy_and_reference_logps(policy, reference, batch))
     losses, chosen_rewards, rejected_rewards = loss_fn(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        batch["chosen_lengths"], batch["rejected_lengths"])
     sums = pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
     return losses.mean(), sums
 
@@ -112,8 +113,9 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         train_set, _, train_stats = tokenize(d.train, d.train_split)
         eval_set, eval_rows, eval_stats = tokenize(d.eval, d.eval_split) if d.eval else (None, None, None)
         # The reference always comes from the original model, never from a checkpoint.
-        policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype,
-                                                      need_reference=not l.reference_free)
+        lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
+        policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
+                                                      need_reference=not (l.reference_free or l.type in REFERENCE_FREE))
     log(f"train data: {train_stats}")
     if eval_stats:
         log(f"eval data: {eval_stats}")
@@ -122,12 +124,14 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         enable_activation_checkpointing(policy)
     if t.compile:  # in place: parameter names, checkpoints and the saved model are unchanged
         policy.compile(dynamic=True)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA, only the adapter
+    log(f"training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in policy.parameters()):,} parameters")
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loaders are prepared on their own, below
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
     policy, optimizer = accelerator.prepare(policy, optimizer)
     collate_fn = partial(collate_packed if t.layout == "packed" else collate, pad_token_id=tokenizer.pad_token_id)
-    if reference is not None:
+    if reference is not None and not isinstance(reference, AdapterDisabled):  # that one lives inside the policy
         reference = place_reference(accelerator, reference)
     if m.precompute_reference and reference is not None:
         train_set, eval_set = precomputed.attach(accelerator, reference, [train_set, eval_set], collate_fn,
@@ -143,7 +147,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer, partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
     accelerator.register_for_checkpointing(scheduler)
-    loss_fn = partial(LOSSES[l.type], beta=l.beta, reference_free=l.reference_free)
+    loss_fn = objective(l.type, l.beta, l.label_smoothing, l.gamma, l.sft_weight)
     evaluate = partial(preference_metrics, accelerator, loss_fn=loss_fn)
     metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
     if t.report_to != "none":
@@ -233,7 +237,8 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         if accelerator.is_main_process:
             (out / "eval_results.json").write_text(json.dumps(results, indent=2))
     stats = {"train": train_stats} if eval_stats is None else {"train": train_stats, "eval": eval_stats}
-    save_final(accelerator, policy, tokenizer, out / "final", model_card(config.to_dict(), step, stats, results))
+    save_final(accelerator, policy, tokenizer, out / "final", model_card(config.to_dict(), step, stats, results),
+               merged=m.lora.save_merged)
     log(f"Saved the trained policy and tokenizer to {out / 'final'}")
     accelerator.end_training()
     return results

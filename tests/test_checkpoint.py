@@ -8,12 +8,11 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
 from dpo_train.checkpoint import (MARKER, CheckpointError, StopSignals, complete_checkpoints, config_differences,
                                   find_resume_point, is_complete)
 from dpo_train.trainer import train
-from test_trainer import read_metrics, tiny_config
+from test_trainer import final_weights, read_metrics, tiny_config
 
 # 48 pairs, 4 per batch, 2 batches per step: 6 optimizer steps per epoch. N=4 falls mid-epoch and
 # 2N=8 crosses into the second epoch.
@@ -21,15 +20,11 @@ N = 4
 RUN = ["train.max_steps=8", "train.save_every=2", "train.eval_every=2", "train.eval_max_new_tokens=0"]
 
 
-def final_weights(run):
-    return load_file(run / "final" / "model.safetensors")
-
-
 def without_timing(records):
     return [{k: v for k, v in r.items() if k != "tokens/s"} for r in records]
 
 
-def run_killed_after_checkpoint(config_path, output_dir, step):
+def run_killed_after_checkpoint(config_path, output_dir, step, extra=()):
     """Train in a child process that SIGKILLs itself right after checkpoint `step` is saved."""
     code = f"""
 import os, signal
@@ -42,21 +37,22 @@ def save_then_die(accelerator, root, step, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return path
 trainer.save_checkpoint = save_then_die
-trainer.train(load_config({str(config_path)!r}, {RUN + [f"train.output_dir={output_dir}"]!r}))
+trainer.train(load_config({str(config_path)!r}, {RUN + list(extra) + [f"train.output_dir={output_dir}"]!r}))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
 
 
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir, tiny_data):
-    full = tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, f"train.output_dir={tmp_path / 'full'}")
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4"]], ids=["full", "lora"])
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir, tiny_data, extra):
+    full = tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, *extra, f"train.output_dir={tmp_path / 'full'}")
     train(full)
 
     killed = tmp_path / "killed"
-    run_killed_after_checkpoint(tmp_path / "tiny.yaml", killed, N)
+    run_killed_after_checkpoint(tmp_path / "tiny.yaml", killed, N, extra)
     assert not (killed / "final").exists()
     assert [p.name for p in complete_checkpoints(killed / "checkpoints")] == ["step-2", "step-4"]
-    resumed = tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, f"train.output_dir={killed}")
+    resumed = tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, *extra, f"train.output_dir={killed}")
     train(resumed, resume="auto")
 
     expected, got = final_weights(tmp_path / "full"), final_weights(killed)

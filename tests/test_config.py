@@ -59,6 +59,16 @@ def test_overrides_are_typed_like_the_field(tmp_path):
     (GOOD, ["train.output_dir="], "train.output_dir"),
     (GOOD, ["nodot=1"], "nodot"),
     ("model: [1, 2]\n", [], "model"),
+    (GOOD, ["loss.label_smoothing=0.1"], "loss.label_smoothing"),  # only robust uses it
+    (GOOD, ["loss.type=robust", "loss.label_smoothing=0.5"], "loss.label_smoothing"),
+    (GOOD, ["loss.gamma=1"], "loss.gamma"),  # only simpo uses it
+    (GOOD, ["loss.sft_weight=-1"], "loss.sft_weight"),
+    (GOOD, ["model.lora.r=-1"], "model.lora.r"),
+    (GOOD, ["model.lora.rank=8"], "model.lora.rank"),
+    (GOOD, ["model.lora.target_modules=[[q_proj]]"], "model.lora.target_modules[0]"),
+    (GOOD, ["model.lora.save_merged=true"], "model.lora.save_merged"),
+    (GOOD, ["model.lora.r=8", "model.ref_name_or_path=other/model"], "model.ref_name_or_path"),
+    (GOOD, ["model.lora=3", "model.lora.r=8"], "model.lora"),
 ])
 def test_errors_name_the_key_and_file(tmp_path, text, overrides, names):
     assert names in error(tmp_path, text, overrides)
@@ -77,3 +87,27 @@ def test_missing_required_values(tmp_path):
 
 def test_loss_types_match_the_loss_table():
     assert set(typing.get_args(LossType)) == set(LOSSES)
+
+
+def test_nested_lora_settings_from_yaml_and_one_override(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["model.lora.r=16"])
+    assert cfg.model.lora.r == 16 and cfg.model.lora.target_modules == ["all-linear"] and cfg.model.lora.alpha == 32.0
+    text = GOOD.replace("model: {name_or_path: some/model}",
+                        "model: {name_or_path: some/model, lora: {r: 4, target_modules: [q_proj, v_proj], alpha: 8}}")
+    cfg = load_config(write(tmp_path, text), ["model.lora.target_modules=o_proj"])
+    assert cfg.model.lora.r == 4 and cfg.model.lora.alpha == 8.0 and cfg.model.lora.target_modules == ["o_proj"]
+
+
+def test_loss_hyperparameters_for_their_own_loss(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["loss.type=robust", "loss.label_smoothing=0.2", "loss.sft_weight=1"])
+    assert cfg.loss.label_smoothing == 0.2 and cfg.loss.sft_weight == 1.0
+    assert load_config(write(tmp_path, GOOD), ["loss.type=simpo", "loss.gamma=0.5"]).loss.gamma == 0.5
+
+
+def test_loss_settings_left_null_take_the_loss_types_defaults(tmp_path):
+    dpo = load_config(write(tmp_path, GOOD.replace("loss: {beta: 0.1}", "loss: {}"))).loss
+    assert (dpo.beta, dpo.label_smoothing, dpo.gamma) == (0.1, 0.0, 0.0)
+    simpo = load_config(write(tmp_path, GOOD.replace("loss: {beta: 0.1}", "loss: {}")), ["loss.type=simpo"]).loss
+    assert (simpo.beta, simpo.gamma) == (2.0, 1.0)
+    robust = load_config(write(tmp_path, GOOD), ["loss.type=robust"]).loss
+    assert (robust.beta, robust.label_smoothing) == (0.1, 0.1)  # an explicit beta stays

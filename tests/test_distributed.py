@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from dpo_train.checkpoint import complete_checkpoints
 from dpo_train.trainer import train
-from test_trainer import read_metrics, tiny_config
+from test_trainer import final_weights, read_metrics, tiny_config
 
 RUN = ["train.max_steps=5", "train.eval_every=2", "train.eval_max_new_tokens=0", "train.learning_rate=1e-4"]
 
@@ -32,25 +31,23 @@ def torchrun(config_path, *args):
     return result
 
 
-def weights(run):
-    return load_file(run / "final" / "model.safetensors")
-
-
-@pytest.mark.parametrize("precompute", ["false", "true"])
-def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_dir, tiny_data, precompute,
+@pytest.mark.parametrize("precompute, lora", [("false", 0), ("true", 0), ("false", 4)],
+                         ids=["live", "precomputed", "lora"])
+def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_model_dir, tiny_data, precompute, lora,
                                                            monkeypatch):
     """2 processes x 4 pairs == 1 process x 4 pairs x 2 accumulation steps: each optimizer step sees
     the same 8 pairs (consecutive batches of one seeded order) and averages the same gradients.
-    With a precomputed reference, each process computes its shard and all gather them in order."""
+    With a precomputed reference, each process computes its shard and all gather them in order.
+    With LoRA, DDP averages the adapter's gradients and the reference is the adapter switched off."""
     monkeypatch.setenv("DPO_TRAIN_CACHE", str(tmp_path / "cache"))
-    run = [*RUN, f"model.precompute_reference={precompute}"]
+    run = [*RUN, f"model.precompute_reference={precompute}", f"model.lora.r={lora}"]
     train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *run, "train.grad_accum_steps=2",
                       f"train.output_dir={tmp_path / 'one'}"))
     if precompute == "true":
         shutil.rmtree(tmp_path / "cache")  # the two processes compute it themselves
     result = torchrun(tmp_path / "tiny.yaml", *run, "train.grad_accum_steps=1", f"train.output_dir={tmp_path / 'two'}")
     assert "5 optimizer steps of 8 pairs" in result.stdout
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)
     one_records, two_records = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in one_records] == [r["step"] for r in two_records]  # written once, not per process
@@ -72,7 +69,7 @@ def test_resume_with_two_processes_is_exact(tmp_path, tiny_model_dir, tiny_data)
     assert [p.name for p in checkpoints] == ["step-2", "step-4"] and len(list(checkpoints[0].glob("random_states_*"))) == 2
     shutil.rmtree(checkpoints[1])
     torchrun(tmp_path / "tiny.yaml", *run, f"train.output_dir={cut}", "--resume", "auto")
-    full, resumed = weights(tmp_path / "full"), weights(cut)
+    full, resumed = final_weights(tmp_path / "full"), final_weights(cut)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     strip = lambda records: [{k: v for k, v in r.items() if k != "tokens/s"} for r in records]
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(cut))

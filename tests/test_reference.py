@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dpo_train.models import load_policy_and_reference
@@ -8,11 +9,13 @@ from test_trainer import read_metrics, tiny_config
 RUN = ["train.max_steps=4", "train.eval_every=2", "train.eval_max_new_tokens=0"]
 
 
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4"]], ids=["full", "lora"])
 def test_precomputed_reference_gives_the_same_losses_as_a_live_one(tmp_path, tiny_model_dir, tiny_data,
-                                                                   monkeypatch, capsys):
+                                                                   monkeypatch, capsys, extra):
     monkeypatch.setenv("DPO_TRAIN_CACHE", str(tmp_path / "cache"))
-    live = train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, f"train.output_dir={tmp_path / 'live'}"))
-    cached = train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, "model.precompute_reference=true",
+    run = RUN + extra  # with LoRA the reference is the policy with its adapter off
+    live = train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *run, f"train.output_dir={tmp_path / 'live'}"))
+    cached = train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *run, "model.precompute_reference=true",
                                f"train.output_dir={tmp_path / 'pre'}"))
     assert capsys.readouterr().out.count("computed and cached") == 2  # train and eval sets
     live_records, cached_records = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "pre")
@@ -24,7 +27,7 @@ def test_precomputed_reference_gives_the_same_losses_as_a_live_one(tmp_path, tin
     assert abs(live["policy"]["loss"] - cached["policy"]["loss"]) < 1e-5
     assert "reference" not in cached  # freed after the precompute pass
 
-    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, "model.precompute_reference=true",
+    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *run, "model.precompute_reference=true",
                       f"train.output_dir={tmp_path / 'again'}"))
     out = capsys.readouterr().out
     assert out.count("read from") == 2 and "computed and cached" not in out  # a rerun reuses the cache

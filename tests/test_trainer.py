@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_train.config import load_config
@@ -23,6 +24,13 @@ train: {{output_dir: {tmp_path / 'run'}, per_device_batch_size: 4, grad_accum_st
          max_steps: 8, eval_every: 4, eval_max_new_tokens: 3, seed: 0}}
 """)
     return load_config(path, list(overrides))
+
+
+def final_weights(run):
+    """The trained weights in run/final: the model's, or a LoRA run's adapter."""
+    final = run / "final"
+    return load_file(final / "model.safetensors" if (final / "model.safetensors").exists()
+                     else final / "adapter_model.safetensors")
 
 
 def read_metrics(run):
@@ -78,3 +86,35 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     values = [lr_lambda(s, warmup_steps=4, total_steps=20) for s in range(21)]
     assert values[:4] == [0.2, 0.4, 0.6, 0.8] and values[4] == 1.0
     assert all(a >= b for a, b in zip(values[4:], values[5:])) and values[20] == 0.0
+
+
+# Every objective end to end: overrides, and the step-0 training loss worked by hand where it
+# does not depend on the random model (policy == reference, so every log-ratio margin h is 0).
+OBJECTIVES = {
+    "ipo": (["loss.type=ipo"], 25.0),  # (0 - 1 / (2 * 0.1))^2
+    "hinge": (["loss.type=hinge"], 1.0),  # max(0, 1 - 0.1 * 0)
+    "robust": (["loss.type=robust", "loss.label_smoothing=0.1"], math.log(2)),  # (0.9 - 0.1) ln 2 / 0.8
+    "simpo": (["loss.type=simpo", "loss.beta=2", "loss.gamma=0.5"], None),  # reference-free: depends on the model
+    "rpo": (["loss.sft_weight=1"], None),  # ln 2 + the chosen per-token NLL
+    "lora": (["model.lora.r=4"], math.log(2)),  # lora_B starts at zero: the policy is the base model
+    "lora-simpo": (["model.lora.r=4", "loss.type=simpo", "loss.beta=2", "loss.gamma=0.5"], None),
+}
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_every_objective_trains_end_to_end(tmp_path, tiny_model_dir, tiny_data, name):
+    overrides, step0_loss = OBJECTIVES[name]
+    results = train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides, "train.eval_max_new_tokens=0"))
+    records = read_metrics(tmp_path / "run")
+    first = records[0]
+    if step0_loss is not None:
+        assert first["loss"] == pytest.approx(step0_loss, abs=1e-5)
+    if name == "rpo":
+        assert first["loss"] > math.log(2) + 1.0  # a random model's NLL per token is about ln(vocab) = 4.6
+    eval_losses = [r["eval/loss"] for r in records if "eval/loss" in r]
+    assert eval_losses[-1] < eval_losses[0]  # held-out loss falls between step 4 and step 8
+    if "simpo" in name:  # no reference model at all
+        assert set(results) == {"policy"}
+    else:
+        assert results["policy"]["loss"] < results["reference"]["loss"]
+        assert results["reference"]["rewards/margins"] == 0.0
