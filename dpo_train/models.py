@@ -102,6 +102,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def load_model(name_or_path: str, dtype: str) -> PreTrainedModel:
     source = hf_dir(name_or_path)
+    if (Path(source) / "adapter_config.json").is_file():  # a LoRA result (final/ of a LoRA run)
+        model = load_merged_adapter(name_or_path, source, dtype)
+        disable_dropout(model)
+        return model
     try:
         model_config = AutoConfig.from_pretrained(source)
         # Checked up front: from_pretrained's own error lists every causal LM transformers knows.
@@ -114,6 +118,18 @@ def load_model(name_or_path: str, dtype: str) -> PreTrainedModel:
         raise ModelError(f"{name_or_path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     disable_dropout(model)
     return model
+
+
+def load_merged_adapter(name_or_path: str, source: str, dtype: str) -> PreTrainedModel:
+    """A LoRA adapter directory as a plain model: its base model with the adapter folded in."""
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError:
+        raise ModelError(f"{name_or_path}: a LoRA adapter; loading it needs peft: pip install 'dpo-train[lora]'") from None
+    try:
+        return AutoPeftModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).merge_and_unload()
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name_or_path}: cannot load the LoRA adapter or its base model ({str(e).splitlines()[0]})") from None
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from dpo_train.models import load_policy_and_reference
+from dpo_train.models import load_model, load_policy_and_reference
 from dpo_train.trainer import train
 from test_trainer import tiny_config
 
@@ -50,3 +50,5 @@ def test_a_lora_run_saves_the_adapter_and_a_merged_model(tmp_path, tiny_model_di
     assert torch.allclose(logits(adapted), logits(merged), atol=1e-5)
     # transformers loads an adapter directory on its own when peft is installed
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(final)), logits(merged), atol=1e-5)
+    # and so does dpo-train (for `dpo-train eval --model final`, or to train on from it)
+    assert torch.allclose(logits(load_model(str(final), "float32")), logits(merged), atol=1e-5)
