@@ -70,18 +70,20 @@ def token_logps(inputs: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
     """log p(target) per row, the head and an fp32 log-softmax applied one chunk of rows at a time.
 
     inputs: (K, H) hidden states with a head, or (K, V) logits without one, in any dtype; targets:
-    (K,) -> (K,) fp32. Under autograd each chunk is recomputed in the backward pass when it would
-    otherwise keep logits alive (the head's output, or an fp32 copy of bf16/fp16 logits): only the
-    chunk's inputs are saved, so neither the (K, V) logits nor their fp32 copy ever exist whole.
+    (K,) -> (K,) fp32. Under autograd, a chunk that would keep logits alive for the backward pass
+    (the head's output, or an fp32 copy of bf16/fp16 logits) is recomputed there instead, all but
+    the last: its backward runs first, as soon as the backward pass starts, so keeping its logits
+    costs no more memory than recomputing them would. At most one chunk of logits is ever kept.
     """
     def chunk_logps(chunk: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
         logits = (chunk if head is None else head(chunk)).float()
         return logits.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
     # fp32 logits passed in already exist whole: recomputing their chunks would save nothing
-    recompute = torch.is_grad_enabled() and (head is not None or inputs.dtype != torch.float32)
-    return torch.cat([checkpoint(chunk_logps, c, t, use_reentrant=False) if recompute else chunk_logps(c, t)
-                      for c, t in zip(inputs.split(chunk_size), targets.split(chunk_size))])
+    keeps_logits = torch.is_grad_enabled() and (head is not None or inputs.dtype != torch.float32)
+    chunks = list(zip(inputs.split(chunk_size), targets.split(chunk_size)))
+    return torch.cat([checkpoint(chunk_logps, c, t, use_reentrant=False) if keeps_logits and i < len(chunks) - 1
+                      else chunk_logps(c, t) for i, (c, t) in enumerate(chunks)])
 
 
 def sequence_logps(outputs: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module | None = None,
