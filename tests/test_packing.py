@@ -28,7 +28,7 @@ def loss_and_grads(model, batch, forward=concatenated_forward):
     losses, _, _ = dpo_loss(chosen, rejected, chosen.detach() + 0.3, rejected.detach() - 0.2, beta=0.1)
     losses.mean().backward()
     return chosen.detach(), rejected.detach(), losses.mean().item(), {
-        name: p.grad.clone() for name, p in model.named_parameters()}
+        name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def test_packed_rows_give_the_padded_log_probs_loss_and_gradients():
@@ -155,6 +155,23 @@ def test_models_that_transform_logits_after_the_head_keep_their_own_head(family)
         for collate_fn in (collate,) if family == "gemma2" else (collate, collate_packed):
             got = concatenated_forward(model, collate_fn(tokenized, tokenizer.pad_token_id), chunk_size=8)
             assert all(torch.allclose(e, g, rtol=1e-6, atol=1e-5) for e, g in zip(expected, got)), collate_fn
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_chunked_head_through_a_peft_lora_model(targets):
+    """PeftModel forwards get/set_output_embeddings to the model it adapts; a head with its own
+    adapter runs, adapter and all, in chunks."""
+    peft = pytest.importorskip("peft")
+    tokenizer, tokenized = pairs()
+    model = peft.get_peft_model(make_model(len(tokenizer)),
+                                peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    assert separable_head(model) is model.get_output_embeddings()
+    expected = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id), full_head_logps)
+    chunked = loss_and_grads(model, collate_packed(tokenized, tokenizer.pad_token_id),
+                             lambda m, b: concatenated_forward(m, b, chunk_size=8))
+    assert torch.allclose(expected[0], chunked[0], rtol=1e-6, atol=1e-5)
+    assert expected[3].keys() == chunked[3].keys() and any("lora" in name for name in chunked[3])
+    assert all(torch.allclose(g, chunked[3][n], atol=1e-5) for n, g in expected[3].items())
 
 
 def test_the_head_is_found_through_a_wrapper_and_not_taken_when_sharded():
