@@ -1,13 +1,11 @@
 """Per-sequence log-probabilities of completions, and the concatenated forward pass.
 
-The LM head runs outside the model's forward, over completion-predicting positions only, in
-chunks (`head_outside`, `token_logps`): only chunk-sized blocks of logits ever exist. Models whose
+The LM head runs outside the model's forward (`hidden_states_or_logits`), over completion-predicting
+positions only, in chunks (`token_logps`): only chunk-sized blocks of logits ever exist. Models whose
 head cannot run on its own (`separable_head` is None) produce their logits as before.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -31,7 +29,10 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 def separable_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The LM head, when it can run outside the model's forward on its final hidden states; None
-    when the model must apply its own head (it transforms logits afterwards, or the head is sharded)."""
+    when the model must apply its own head (it transforms logits afterwards, the head is sharded, or
+    DDP looks for unused parameters)."""
+    if getattr(model, "find_unused_parameters", False):  # DDP would mark a head used after its forward as unused
+        return None
     base = unwrapped(model)
     head = base.get_output_embeddings() if hasattr(base, "set_output_embeddings") else None
     weight = getattr(head, "weight", None)
@@ -47,22 +48,6 @@ def separable_head(model: torch.nn.Module) -> torch.nn.Module | None:
     sharded = (weight.dim() != 2 or hasattr(weight, "ds_id") or not isinstance(weight, torch.nn.Parameter)
                or type(weight).__name__ == "DTensor")
     return None if sharded else head
-
-
-@contextmanager
-def head_outside(model: torch.nn.Module, head: torch.nn.Module | None):
-    """Inside, the model's forward returns its final hidden states as `.logits`, (N, T', H) instead of
-    (N, T', V). The forward still goes through every wrapper (DDP, compile, PEFT); only the head is
-    swapped, on the unwrapped model, and it is put back even if the forward fails."""
-    if head is None:  # keep the model's own head
-        yield
-        return
-    base = unwrapped(model)
-    base.set_output_embeddings(HIDDEN)
-    try:
-        yield
-    finally:
-        base.set_output_embeddings(head)
 
 
 def token_logps(inputs: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None = None,
@@ -100,24 +85,36 @@ def sequence_logps(outputs: torch.Tensor, labels: torch.Tensor, head: torch.nn.M
     return per_token.new_zeros(outputs.shape[0]).index_add(0, rows, per_token)
 
 
+def hidden_states_or_logits(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, torch.nn.Module | None]:
+    """(final hidden states (N, T', H), the head to apply to them), or (logits (N, T', V), None) for a
+    model that must apply its own head (separable_head). T' is the positions in `logits_to_keep`.
+
+    The forward still goes through every wrapper (DDP, compile, PEFT): only the head is swapped for an
+    identity, on the unwrapped model, and put back even if the forward fails.
+    """
+    head = separable_head(model)
+    if head is None:
+        return model(**inputs, use_cache=False).logits, None
+    base = unwrapped(model)
+    base.set_output_embeddings(HIDDEN)
+    try:
+        return model(**inputs, use_cache=False).logits, head
+    finally:
+        base.set_output_embeddings(head)
+
+
 def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
     """Completion log-probs of shared-prompt rows (data.collate_packed), (2B,) chosen then rejected.
     The model's forward stops at the rows' last K' positions, where the completions are."""
-    head = separable_head(model)
-    with head_outside(model, head):
-        outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                        attention_mask=batch["attention_mask"], logits_to_keep=batch["logits_to_keep"],
-                        use_cache=False).logits  # (B, K', H), or (B, K', V) from the model's own head
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask", "logits_to_keep")}
+    outputs, head = hidden_states_or_logits(model, **inputs)  # (B, K', H), or (B, K', V) and no head
     per_token = token_logps(outputs.flatten(0, 1)[batch["predict_index"]], batch["targets"], head, chunk_size)  # (K,)
     return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
 
 
 def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
     """Completion log-probs of the 2B right-padded rows of data.collate, (2B,)."""
-    head = separable_head(model)
-    with head_outside(model, head):
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        use_cache=False).logits  # (2B, T, H), or (2B, T, V) from the model's own head
+    outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return sequence_logps(outputs, batch["labels"], head, chunk_size)
 
 

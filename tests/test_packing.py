@@ -174,27 +174,33 @@ def test_chunked_head_through_a_peft_lora_model(targets):
     assert all(torch.allclose(g, chunked[3][n], atol=1e-5) for n, g in expected[3].items())
 
 
-def test_the_head_is_found_through_a_wrapper_and_not_taken_when_sharded():
-    class Wrapper(torch.nn.Module):  # what DDP looks like from here: the model as `.module`, its own forward
-        def __init__(self, module):
-            super().__init__()
-            self.module, self.calls = module, 0
-
-        def forward(self, **inputs):
-            self.calls += 1
-            return self.module(**inputs)
-
+@pytest.mark.parametrize("ddp_options", [{}, {"static_graph": True}, {"find_unused_parameters": True}])
+def test_chunked_head_under_ddp(tmp_path, ddp_options):
+    """The forward goes through DistributedDataParallel's (one process, gloo), whose hooks then
+    all-reduce the head's gradient from the chunks. DDP looking for unused parameters would count a
+    head applied after its forward as unused, so there the model keeps its own head."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
     tokenizer, tokenized = pairs()
     model = make_model(len(tokenizer))
-    wrapper = Wrapper(model)
-    assert separable_head(wrapper) is model.lm_head
-    batch = collate_packed(tokenized, tokenizer.pad_token_id)
-    wrapped = loss_and_grads(wrapper, batch)
-    assert wrapper.calls == 1  # the wrapper's forward ran: DDP's hooks would have
-    plain = loss_and_grads(model, batch)
-    assert all(torch.equal(g, wrapped[3]["module." + n]) for n, g in plain[3].items())
+    expected = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id), full_head_logps)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model, **ddp_options)
+        assert (separable_head(ddp) is None) == ("find_unused_parameters" in ddp_options)
+        for _ in range(2):  # a second step: DDP's reducer must be ready for it
+            chunked = loss_and_grads(ddp, collate_packed(tokenized, tokenizer.pad_token_id))
+            assert all(torch.allclose(g, chunked[3]["module." + n], atol=1e-5) for n, g in expected[3].items())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_head_is_not_taken_outside_the_forward():
+    tokenizer, _ = pairs()
+    model = make_model(len(tokenizer))
+    assert separable_head(model) is model.lm_head
     model.lm_head.weight.data = torch.empty(0)  # ZeRO-3's placeholder outside the forward; FSDP1 leaves 1-D shards
-    assert separable_head(wrapper) is None
+    assert separable_head(model) is None
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
