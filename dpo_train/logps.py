@@ -1,4 +1,9 @@
-"""Per-sequence log-probabilities of completions, and the concatenated forward pass."""
+"""Per-sequence log-probabilities of completions, and the concatenated forward pass.
+
+The LM head runs outside the model's forward (`hidden_states_or_logits`), over completion-predicting
+positions only, in chunks (`token_logps`): only chunk-sized blocks of logits ever exist. Models whose
+head cannot run on its own (`separable_head` is None) produce their logits as before.
+"""
 
 from __future__ import annotations
 
@@ -6,58 +11,121 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+CHUNK_SIZE = 1024  # positions per head + log-softmax chunk: (1024, V) fp32 is 200 MB at V = 49 152
+# Config fields of models that change logits after the head (Gemma softcapping, Cohere and Granite scales,
+# a padded vocabulary): such a head cannot run on its own, so these models keep theirs inside the forward.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
+                    "output_multiplier", "unpadded_vocab_size")
+HIDDEN = torch.nn.Identity()  # one instance, so that a compiled forward is guarded on the same module each step
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP, FSDP or DeepSpeed wrappers (each keeps it as `.module`). A PEFT model
+    stays as it is: it forwards get/set_output_embeddings to the model it adapts."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def separable_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head, when it can run outside the model's forward on its final hidden states; None
+    when the model must apply its own head (it transforms logits afterwards, the head is sharded, or
+    DDP looks for unused parameters)."""
+    if getattr(model, "find_unused_parameters", False):  # DDP would mark a head used after its forward as unused
+        return None
+    base = unwrapped(model)
+    head = base.get_output_embeddings() if hasattr(base, "set_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    config = getattr(base, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(getattr(config, name, None) is not None for name in LOGIT_TRANSFORMS):
+        return None
+    # FSDP and ZeRO-3 gather a sharded weight only inside the model's forward. Outside it the weight
+    # is a DTensor (FSDP2), a 1-D or empty shard (FSDP1 with original params, ZeRO-3's ds_* placeholder)
+    # or a plain tensor view (FSDP1 flat params). Untested here: no multi-process FSDP/DeepSpeed on CPU.
+    sharded = (weight.dim() != 2 or hasattr(weight, "ds_id") or not isinstance(weight, torch.nn.Parameter)
+               or type(weight).__name__ == "DTensor")
+    return None if sharded else head
+
+
+def token_logps(inputs: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None = None,
+                chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+    """log p(target) per row, the head and an fp32 log-softmax applied one chunk of rows at a time.
+
+    inputs: (K, H) hidden states with a head, or (K, V) logits without one, in any dtype; targets:
+    (K,) -> (K,) fp32. Under autograd, a chunk that would keep logits alive for the backward pass
+    (the head's output, or an fp32 copy of bf16/fp16 logits) is recomputed there instead, all but
+    the last: its backward runs first, as soon as the backward pass starts, so keeping its logits
+    costs no more memory than recomputing them would. At most one chunk of logits is ever kept.
+    """
+    def chunk_logps(chunk: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        logits = (chunk if head is None else head(chunk)).float()
+        return logits.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+    # fp32 logits passed in already exist whole: recomputing their chunks would save nothing
+    keeps_logits = torch.is_grad_enabled() and (head is not None or inputs.dtype != torch.float32)
+    chunks = list(zip(inputs.split(chunk_size), targets.split(chunk_size)))
+    return torch.cat([checkpoint(chunk_logps, c, t, use_reentrant=False) if keeps_logits and i < len(chunks) - 1
+                      else chunk_logps(c, t) for i, (c, t) in enumerate(chunks)])
+
+
+def sequence_logps(outputs: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module | None = None,
+                   chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
     """Sum of log p(token) over each row's labelled (completion) tokens.
 
-    logits: (N, T, V), labels: (N, T) with IGNORE_INDEX on prompt and padding -> (N,) fp32.
-    Position t predicts token t+1: logits[:, :-1] are scored against labels[:, 1:]. Only the
-    labelled positions reach the log-softmax, in chunks (token_logps).
+    outputs: (N, T, V) logits, or (N, T, H) hidden states with their head; labels: (N, T) with
+    IGNORE_INDEX on prompt and padding -> (N,) fp32. Position t predicts token t+1: outputs[:, :-1]
+    are scored against labels[:, 1:]. Only the labelled positions reach token_logps.
     """
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # next token
     rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    per_token = token_logps(logits[rows, positions], targets[rows, positions])
-    return per_token.new_zeros(logits.shape[0]).index_add(0, rows, per_token)
+    per_token = token_logps(outputs[rows, positions], targets[rows, positions], head, chunk_size)
+    return per_token.new_zeros(outputs.shape[0]).index_add(0, rows, per_token)
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """log p(target) per row of logits, the log-softmax taken in fp32 one chunk at a time.
+def hidden_states_or_logits(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, torch.nn.Module | None]:
+    """(final hidden states (N, T', H), the head to apply to them), or (logits (N, T', V), None) for a
+    model that must apply its own head (separable_head). T' is the positions in `logits_to_keep`.
 
-    logits: (K, V) in any dtype, targets: (K,) -> (K,) fp32. The log-softmax's temporaries are
-    chunk-sized; for bf16/fp16 logits each chunk's fp32 copy is recomputed in the backward pass
-    instead of being kept, so no fp32 copy of (K, V) ever exists at once.
+    The forward still goes through every wrapper (DDP, compile, PEFT): only the head is swapped for an
+    identity, on the unwrapped model, and put back even if the forward fails.
     """
-    def chunk_logps(chunk: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
-        chunk = chunk.float()
-        return chunk.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - chunk.logsumexp(-1)
+    head = separable_head(model)
+    if head is None:
+        return model(**inputs, use_cache=False).logits, None
+    base = unwrapped(model)
+    base.set_output_embeddings(HIDDEN)
+    try:
+        return model(**inputs, use_cache=False).logits, head
+    finally:
+        base.set_output_embeddings(head)
 
-    recompute = logits.requires_grad and logits.dtype != torch.float32  # in fp32 there is no copy to save
-    return torch.cat([checkpoint(chunk_logps, c, t, use_reentrant=False) if recompute else chunk_logps(c, t)
-                      for c, t in zip(logits.split(chunk_size), targets.split(chunk_size))])
 
-
-def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
     """Completion log-probs of shared-prompt rows (data.collate_packed), (2B,) chosen then rejected.
-    The LM head runs only over the rows' last K' positions, where the completions are."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=batch["attention_mask"], logits_to_keep=batch["logits_to_keep"],
-                   use_cache=False).logits  # (B, K', V)
-    per_token = token_logps(logits.flatten(0, 1)[batch["predict_index"]], batch["targets"])  # (K,)
+    The model's forward stops at the rows' last K' positions, where the completions are."""
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask", "logits_to_keep")}
+    outputs, head = hidden_states_or_logits(model, **inputs)  # (B, K', H), or (B, K', V) and no head
+    per_token = token_logps(outputs.flatten(0, 1)[batch["predict_index"]], batch["targets"], head, chunk_size)  # (K,)
     return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
 
 
-def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+    """Completion log-probs of the 2B right-padded rows of data.collate, (2B,)."""
+    outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return sequence_logps(outputs, batch["labels"], head, chunk_size)
+
+
+def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                         chunk_size: int = CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over a collated batch: the shared-prompt rows of data.collate_packed, or the
     2B padded rows of data.collate (chosen first, then rejected). Both give the same numbers.
 
     Returns (chosen_logps, rejected_logps), each (B,).
     """
-    if "predict_index" in batch:
-        logps = packed_logps(model, batch)
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logps = sequence_logps(logits, batch["labels"])
+    logps = (packed_logps if "predict_index" in batch else padded_logps)(model, batch, chunk_size)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 

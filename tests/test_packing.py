@@ -1,5 +1,5 @@
-"""The fast paths are exact: packed shared-prompt rows, chunked log-softmax and gradient
-checkpointing give the padded path's log-probs, loss and gradients to 1e-5 in fp32."""
+"""The fast paths are exact: packed shared-prompt rows, the chunked LM head and log-softmax, and
+gradient checkpointing give the padded path's log-probs, loss and gradients to 1e-5 in fp32."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_model, make_tokenizer
 from dpo_train.data import collate, collate_packed, tokenize_pair
-from dpo_train.logps import concatenated_forward, token_logps
+from dpo_train.logps import concatenated_forward, separable_head, token_logps
 from dpo_train.losses import dpo_loss
 from dpo_train.models import enable_activation_checkpointing
 
@@ -22,13 +22,13 @@ def pairs():
     return tokenizer, [tokenize_pair(r, tokenizer, 128, 64) for r in ROWS]
 
 
-def loss_and_grads(model, batch):
+def loss_and_grads(model, batch, forward=concatenated_forward):
     model.zero_grad()
-    chosen, rejected = concatenated_forward(model, batch)
+    chosen, rejected = forward(model, batch)
     losses, _, _ = dpo_loss(chosen, rejected, chosen.detach() + 0.3, rejected.detach() - 0.2, beta=0.1)
     losses.mean().backward()
     return chosen.detach(), rejected.detach(), losses.mean().item(), {
-        name: p.grad.clone() for name, p in model.named_parameters()}
+        name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def test_packed_rows_give_the_padded_log_probs_loss_and_gradients():
@@ -76,6 +76,131 @@ def test_chunked_token_logps_match_a_full_log_softmax_with_gradients():
         (full * torch.arange(37)).sum().backward()
         assert chunked.dtype == torch.float32 and torch.allclose(chunked, full, atol=1e-5)
         assert torch.allclose(grad.float(), logits.grad.float(), atol=1e-5)
+
+
+def full_head_logps(model, batch):
+    """The model's own head over every position of data.collate's padded rows, one full fp32
+    log-softmax, labelled tokens summed: the (2B, T, V) way. Returns (chosen, rejected), each (B,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    targets = batch["labels"][:, 1:]  # position t predicts token t+1
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logps = (logps * (targets != -100)).sum(-1)
+    return logps.chunk(2)
+
+
+def head_calls(model):
+    """Rows given to the LM head in each of its calls (forward and recomputation), as a list."""
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    return rows
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_head_gives_the_full_heads_log_probs_loss_and_gradients(layout, tied):
+    tokenizer, tokenized = pairs()
+    model = make_model(len(tokenizer))
+    if tied:  # SmolLM2's head shares the input embeddings: its gradient comes from both uses
+        model.lm_head.weight = model.model.embed_tokens.weight
+    head = model.get_output_embeddings()
+    expected = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id), full_head_logps)
+    batch = (collate_packed if layout == "packed" else collate)(tokenized, tokenizer.pad_token_id)
+    rows = head_calls(model)
+    chunked = loss_and_grads(model, batch, lambda m, b: concatenated_forward(m, b, chunk_size=8))
+    completion_tokens = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized)
+    # 8 rows per call, every chunk but the last run again in the backward pass: no (N, T, V) block
+    last_chunk = completion_tokens % 8 or 8
+    assert max(rows) == 8 and sum(rows) == 2 * completion_tokens - last_chunk
+    assert model.get_output_embeddings() is head and separable_head(model) is head  # put back after the forward
+    assert torch.allclose(expected[0], chunked[0], rtol=1e-6, atol=1e-5)
+    assert torch.allclose(expected[1], chunked[1], rtol=1e-6, atol=1e-5)
+    assert abs(expected[2] - chunked[2]) < 1e-6
+    for name, grad in expected[3].items():
+        assert torch.allclose(grad, chunked[3][name], atol=1e-5), name
+
+
+def test_chunked_head_in_bf16_gives_the_full_heads_numbers_at_bf16_precision():
+    tokenizer, tokenized = pairs()
+    model = make_model(len(tokenizer)).to(torch.bfloat16)
+    expected = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id), full_head_logps)
+    for collate_fn in (collate, collate_packed):
+        chunked = loss_and_grads(model, collate_fn(tokenized, tokenizer.pad_token_id),
+                                 lambda m, b: concatenated_forward(m, b, chunk_size=8))
+        assert chunked[0].dtype == torch.float32  # log-probs are summed in fp32 whatever the weights' dtype
+        # the body runs in bf16 either way (about 3 significant digits); sums of up to ~140 nats
+        assert torch.allclose(expected[0], chunked[0], rtol=1e-3, atol=1e-2)
+        assert torch.allclose(expected[1], chunked[1], rtol=1e-3, atol=1e-2)
+        for name, grad in expected[3].items():
+            got = chunked[3][name]
+            # bf16 gradients summed in another order: within a few bf16 epsilons (2^-8) of each other
+            assert got.dtype == torch.bfloat16 and (got.float() - grad.float()).norm() <= 2e-2 * grad.float().norm(), name
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_models_that_transform_logits_after_the_head_keep_their_own_head(family):
+    """Gemma2 softcaps logits (cap * tanh(logits / cap)), Cohere scales them: a head run outside the
+    model would miss that, so these models take the (N, T', V) path, with the same numbers."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+    tokenizer, tokenized = pairs()
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=1)
+    torch.manual_seed(0)
+    model = (Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=2.0)) if family == "gemma2" else
+             CohereForCausalLM(CohereConfig(**shape, logit_scale=0.25)))
+    assert separable_head(model) is None
+    with torch.no_grad():
+        expected = full_head_logps(model, collate(tokenized, tokenizer.pad_token_id))
+        # Gemma2 here runs eager attention only, under which the packed layout's boolean mask is not
+        # exact (a gap of that layout, not of the head): it is checked on padded rows only.
+        for collate_fn in (collate,) if family == "gemma2" else (collate, collate_packed):
+            got = concatenated_forward(model, collate_fn(tokenized, tokenizer.pad_token_id), chunk_size=8)
+            assert all(torch.allclose(e, g, rtol=1e-6, atol=1e-5) for e, g in zip(expected, got)), collate_fn
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_chunked_head_through_a_peft_lora_model(targets):
+    """PeftModel forwards get/set_output_embeddings to the model it adapts; a head with its own
+    adapter runs, adapter and all, in chunks."""
+    peft = pytest.importorskip("peft")
+    tokenizer, tokenized = pairs()
+    model = peft.get_peft_model(make_model(len(tokenizer)),
+                                peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    assert separable_head(model) is model.get_output_embeddings()
+    expected = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id), full_head_logps)
+    chunked = loss_and_grads(model, collate_packed(tokenized, tokenizer.pad_token_id),
+                             lambda m, b: concatenated_forward(m, b, chunk_size=8))
+    assert torch.allclose(expected[0], chunked[0], rtol=1e-6, atol=1e-5)
+    assert expected[3].keys() == chunked[3].keys() and any("lora" in name for name in chunked[3])
+    assert all(torch.allclose(g, chunked[3][n], atol=1e-5) for n, g in expected[3].items())
+
+
+@pytest.mark.parametrize("ddp_options", [{}, {"static_graph": True}, {"find_unused_parameters": True}])
+def test_chunked_head_under_ddp(tmp_path, ddp_options):
+    """The forward goes through DistributedDataParallel's (one process, gloo), whose hooks then
+    all-reduce the head's gradient from the chunks. DDP looking for unused parameters would count a
+    head applied after its forward as unused, so there the model keeps its own head."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    tokenizer, tokenized = pairs()
+    model = make_model(len(tokenizer))
+    expected = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id), full_head_logps)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model, **ddp_options)
+        assert (separable_head(ddp) is None) == ("find_unused_parameters" in ddp_options)
+        for _ in range(2):  # a second step: DDP's reducer must be ready for it
+            chunked = loss_and_grads(ddp, collate_packed(tokenized, tokenizer.pad_token_id))
+            assert all(torch.allclose(g, chunked[3]["module." + n], atol=1e-5) for n, g in expected[3].items())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_head_is_not_taken_outside_the_forward():
+    tokenizer, _ = pairs()
+    model = make_model(len(tokenizer))
+    assert separable_head(model) is model.lm_head
+    model.lm_head.weight.data = torch.empty(0)  # ZeRO-3's placeholder outside the forward; FSDP1 leaves 1-D shards
+    assert separable_head(model) is None
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
