@@ -103,10 +103,17 @@ def hidden_states_or_logits(model: torch.nn.Module, **inputs) -> tuple[torch.Ten
         base.set_output_embeddings(head)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) bool (True: attend) -> 0 / most-negative `dtype` values. A custom 4-D mask reaches
+    the attention as it is: SDPA reads either form, but eager attention adds it to the scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
 def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
     """Completion log-probs of shared-prompt rows (data.collate_packed), (2B,) chosen then rejected.
     The model's forward stops at the rows' last K' positions, where the completions are."""
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask", "logits_to_keep")}
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "logits_to_keep")}
+    inputs["attention_mask"] = additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
     outputs, head = hidden_states_or_logits(model, **inputs)  # (B, K', H), or (B, K', V) and no head
     per_token = token_logps(outputs.flatten(0, 1)[batch["predict_index"]], batch["targets"], head, chunk_size)  # (K,)
     return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)

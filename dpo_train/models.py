@@ -192,6 +192,13 @@ class AdapterDisabled(torch.nn.Module):
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
+        self.config = policy.config
+
+    def get_output_embeddings(self):  # so that logps runs this head in chunks too
+        return self.policy.get_output_embeddings()
+
+    def set_output_embeddings(self, head):
+        self.policy.set_output_embeddings(head)
 
     def forward(self, **inputs):
         with self.policy.disable_adapter():

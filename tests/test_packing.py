@@ -150,9 +150,7 @@ def test_models_that_transform_logits_after_the_head_keep_their_own_head(family)
     assert separable_head(model) is None
     with torch.no_grad():
         expected = full_head_logps(model, collate(tokenized, tokenizer.pad_token_id))
-        # Gemma2 here runs eager attention only, under which the packed layout's boolean mask is not
-        # exact (a gap of that layout, not of the head): it is checked on padded rows only.
-        for collate_fn in (collate,) if family == "gemma2" else (collate, collate_packed):
+        for collate_fn in (collate, collate_packed):  # Gemma2 runs eager attention here
             got = concatenated_forward(model, collate_fn(tokenized, tokenizer.pad_token_id), chunk_size=8)
             assert all(torch.allclose(e, g, rtol=1e-6, atol=1e-5) for e, g in zip(expected, got)), collate_fn
 
@@ -241,3 +239,16 @@ def test_compiled_policy_trains_to_the_same_weights(tmp_path, tiny_model_dir, ti
     assert counters["stats"]["unique_graphs"] > 0  # the compiled run really went through inductor
     assert runs["false"].keys() == runs["true"].keys()
     assert all(torch.allclose(runs["false"][k], runs["true"][k], atol=1e-5) for k in runs["false"])
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_rows_are_exact_under_eager_and_sdpa_attention(attention):
+    """Eager attention adds a 4-D mask to its scores; SDPA also reads booleans. The packed layout's
+    mask must mean the same to both."""
+    tokenizer, tokenized = pairs()
+    model = make_model(len(tokenizer))
+    model.set_attn_implementation(attention)
+    with torch.no_grad():
+        padded = concatenated_forward(model, collate(tokenized, tokenizer.pad_token_id))
+        packed = concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-5) for a, b in zip(padded, packed))
