@@ -21,6 +21,12 @@ def rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, 
             beta * (policy_rejected_logps - reference_rejected_logps).detach())
 
 
+def logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+    """h = (pi_c - pi_r) - (ref_c - ref_r), (B,): how much more than the reference the policy
+    prefers the chosen answer."""
+    return (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -48,7 +54,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     to infinity, which resists overfitting to deterministic preferences. h uses sequence log-prob
     sums, as in the paper (TRL divides them by length).
     """
-    h = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    h = logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     losses = (h - 1 / (2 * beta)) ** 2
     return losses, *rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                             reference_rejected_logps, beta)
@@ -58,7 +64,7 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
                beta: float):
     """SLiC-style hinge (Zhao et al. 2023; the DPO form of Liu et al. 2024, RSO):
     max(0, 1 - beta * h), h the log-ratio margin. Pairs already separated by 1/beta stop contributing."""
-    h = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    h = logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     losses = torch.relu(1 - beta * h)
     return losses, *rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                             reference_rejected_logps, beta)
@@ -71,7 +77,7 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_log
 
     An unbiased estimate of the clean-label DPO loss; eps = label_smoothing in [0, 0.5), and eps = 0 is DPO.
     """
-    h = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    h = logratio_margins(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     eps = label_smoothing
     losses = ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     return losses, *rewards(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,

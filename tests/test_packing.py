@@ -31,16 +31,21 @@ def loss_and_grads(model, batch, forward=concatenated_forward):
         name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_numbers(expected, got):
+    """Two loss_and_grads results agree: log-probs and gradients to 1e-5, the loss to 1e-6."""
+    assert torch.allclose(expected[0], got[0], rtol=1e-6, atol=1e-5)
+    assert torch.allclose(expected[1], got[1], rtol=1e-6, atol=1e-5)
+    assert abs(expected[2] - got[2]) < 1e-6
+    for name, grad in expected[3].items():
+        assert torch.allclose(grad, got[3][name], atol=1e-5), name
+
+
 def test_packed_rows_give_the_padded_log_probs_loss_and_gradients():
     tokenizer, tokenized = pairs()
     model = make_model(len(tokenizer))
     padded = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id))
     packed = loss_and_grads(model, collate_packed(tokenized, tokenizer.pad_token_id))
-    assert torch.allclose(padded[0], packed[0], rtol=1e-6, atol=1e-5)
-    assert torch.allclose(padded[1], packed[1], rtol=1e-6, atol=1e-5)
-    assert abs(padded[2] - packed[2]) < 1e-6
-    for name, grad in padded[3].items():
-        assert torch.allclose(grad, packed[3][name], atol=1e-5), name
+    assert_same_numbers(padded, packed)
 
 
 def test_shared_prompt_rows_hold_each_prompt_once_and_score_only_completions():
@@ -112,11 +117,7 @@ def test_chunked_head_gives_the_full_heads_log_probs_loss_and_gradients(layout, 
     last_chunk = completion_tokens % 8 or 8
     assert max(rows) == 8 and sum(rows) == 2 * completion_tokens - last_chunk
     assert model.get_output_embeddings() is head and separable_head(model) is head  # put back after the forward
-    assert torch.allclose(expected[0], chunked[0], rtol=1e-6, atol=1e-5)
-    assert torch.allclose(expected[1], chunked[1], rtol=1e-6, atol=1e-5)
-    assert abs(expected[2] - chunked[2]) < 1e-6
-    for name, grad in expected[3].items():
-        assert torch.allclose(grad, chunked[3][name], atol=1e-5), name
+    assert_same_numbers(expected, chunked)
 
 
 def test_chunked_head_in_bf16_gives_the_full_heads_numbers_at_bf16_precision():
