@@ -24,7 +24,7 @@ LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]  # keep in step
 LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0}
 LOSS_DEFAULTS_BY_TYPE = {"simpo": {"beta": 2.0, "gamma": 1.0}, "robust": {"label_smoothing": 0.1}}
 DType = Literal["float32", "bfloat16", "float16"]
-Layout = Literal["padded", "packed"]
+Layout = Literal["packed", "rows", "padded"]
 Tracker = Literal["none", "tensorboard"]
 
 
@@ -88,7 +88,9 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones are deleted
     eval_max_new_tokens: int = 32  # greedy generation for eval rows that carry an `answer`
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    layout: Layout = "packed"  # packed: one [prompt|chosen|rejected] row per pair; padded: 2B padded rows
+    # packed: all pairs in one padding-free row; rows: one left-padded [prompt|chosen|rejected] row per pair;
+    # padded: 2B right-padded rows (chosen, rejected). All give the same numbers.
+    layout: Layout = "packed"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     compile: bool = False  # torch.compile the policy (inductor, dynamic shapes); the first steps compile
     report_to: Tracker = "none"  # also log metrics to an Accelerate tracker, under {output_dir}/tracking

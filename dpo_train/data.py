@@ -159,7 +159,40 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> one padding-free row of B spans [prompt | chosen | rejected]: each prompt is encoded
+    once for both answers, and there is no padding at all. The attention (attention.pair_attention)
+    keeps each answer to its prompt and itself; position ids let both answers continue from the
+    prompt's end, so each sees exactly what it would see alone.
+
+    Returns input_ids, position_ids: (1, N) with N the pairs' own tokens; pair_spans: (B, 4) each
+    span's start and its prompt, chosen and rejected lengths; logits_to_keep: (K,) the positions that
+    predict the K completion tokens, in the order of targets (K,) and owners (K,) (each token's row
+    in the 2B chosen-then-rejected order); num_rows: () = 2B; num_tokens: () = N; chosen_lengths,
+    rejected_lengths: (B,) completion token counts. pad_token_id is unused (nothing is padded).
+    """
+    input_ids, position_ids, spans, predict, targets, owners = [], [], [], [], [], []
+    for i, pair in enumerate(pairs):
+        prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
+        start, p, c, r = len(input_ids), len(prompt), len(chosen), len(rejected)
+        input_ids += prompt + chosen + rejected
+        position_ids += list(range(p + c)) + list(range(p, p + r))
+        spans.append((start, p, c, r))
+        for completion, first, owner in ((chosen, start + p, i), (rejected, start + p + c, len(pairs) + i)):
+            # token j is predicted by the position before it; the first one by the prompt's last token
+            predict += [start + p - 1] + list(range(first, first + len(completion) - 1))
+            targets += completion
+            owners += [owner] * len(completion)
+    return {
+        "input_ids": torch.tensor([input_ids]), "position_ids": torch.tensor([position_ids]),
+        "pair_spans": torch.tensor(spans), "logits_to_keep": torch.tensor(predict), "targets": torch.tensor(targets),
+        "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * len(pairs)), "num_tokens": torch.tensor(len(input_ids)),
+        **completion_lengths(pairs), **precomputed_reference(pairs),
+    }
+
+
+def collate_rows(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> B rows [prompt | chosen | rejected]: each prompt is encoded once for both answers.
+    The layout for models whose attention the padding-free one cannot stand in for.
 
     A per-row attention mask is causal and keeps the rejected completion from seeing the chosen
     one; position ids let both completions continue from the prompt's end, so each sees exactly
@@ -204,3 +237,6 @@ def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tens
         "targets": torch.tensor(targets), "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * num_pairs),
         "num_tokens": torch.tensor(sum(lengths)), **completion_lengths(pairs), **precomputed_reference(pairs),
     }
+
+
+COLLATES = {"packed": collate_packed, "rows": collate_rows, "padded": collate}  # train.layout -> collate function

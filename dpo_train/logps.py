@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from . import attention
+
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024  # positions per head + log-softmax chunk: (1024, V) fp32 is 200 MB at V = 49 152
 # Config fields of models that change logits after the head (Gemma softcapping, Cohere and Granite scales,
@@ -110,7 +112,26 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
-    """Completion log-probs of shared-prompt rows (data.collate_packed), (2B,) chosen then rejected.
+    """Completion log-probs of the padding-free row of data.collate_packed, (2B,) chosen then rejected.
+    The model's attention is routed through attention.pair_attention (once, in place); the forward
+    stops at the K completion-predicting positions."""
+    base = unwrapped(model)
+    attention.enable(base.config)
+    spans = attention.Spans(map(tuple, batch["pair_spans"].tolist()))
+    # a 4-D mask is passed to the attention as it is, so transformers builds none; the spans replace it
+    placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=batch["input_ids"].device)
+    outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                            attention_mask=placeholder, logits_to_keep=batch["logits_to_keep"],
+                                            **{attention.SPANS_KWARG: spans})  # (1, K, H), or (1, K, V) and no head
+    if not spans.used:
+        raise RuntimeError(f"padding-free layout: {type(base).__name__} does not route its attention through "
+                           "transformers' AttentionInterface; use train.layout: rows")
+    per_token = token_logps(outputs[0], batch["targets"], head, chunk_size)  # (K,)
+    return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
+
+
+def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+    """Completion log-probs of shared-prompt rows (data.collate_rows), (2B,) chosen then rejected.
     The model's forward stops at the rows' last K' positions, where the completions are."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "logits_to_keep")}
     inputs["attention_mask"] = additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
@@ -127,12 +148,14 @@ def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
 
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                          chunk_size: int = CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over a collated batch: the shared-prompt rows of data.collate_packed, or the
-    2B padded rows of data.collate (chosen first, then rejected). Both give the same numbers.
+    """One forward over a collated batch: the padding-free row of data.collate_packed, the
+    shared-prompt rows of data.collate_rows, or the 2B padded rows of data.collate (chosen first,
+    then rejected). All give the same numbers.
 
     Returns (chosen_logps, rejected_logps), each (B,).
     """
-    logps = (packed_logps if "predict_index" in batch else padded_logps)(model, batch, chunk_size)
+    forward = packed_logps if "pair_spans" in batch else rows_logps if "predict_index" in batch else padded_logps
+    logps = forward(model, batch, chunk_size)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 

@@ -24,12 +24,12 @@ from .card import model_card
 from .checkpoint import (STATE, StopSignals, Stopped, complete_checkpoints, resume_point, save_checkpoint,
                          save_final)
 from .config import Config, save_config
-from .data import build_dataset, collate, collate_packed
+from .data import COLLATES, build_dataset
 from .evaluate import exact_match, generate, metrics_table, preference_metrics
 from .logps import policy_and_reference_logps
 from .losses import REFERENCE_FREE, objective
 from .metrics import MetricsLog, add, means, pair_metrics
-from . import reference as precomputed
+from . import attention, reference as precomputed
 from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, load_policy_and_reference,
                      load_tokenizer, place_reference)
 
@@ -130,7 +130,11 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loaders are prepared on their own, below
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    collate_fn = partial(collate_packed if t.layout == "packed" else collate, pad_token_id=tokenizer.pad_token_id)
+    layout = t.layout
+    if layout == "packed" and (reason := attention.unsupported(accelerator.unwrap_model(policy).config)):
+        log(f"train.layout packed: {reason}; using the rows layout instead (the same numbers, with padding)")
+        layout = "rows"
+    collate_fn = partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)
     if reference is not None and not isinstance(reference, AdapterDisabled):  # that one lives inside the policy
         reference = place_reference(accelerator, reference)
     if m.precompute_reference and reference is not None:

@@ -33,15 +33,19 @@ WORDS = ("the cat dog sun red blue green tree house river stone light water fire
          "bird fish road town city king queen book song time day night year hand eye door wall").split()
 
 
-def make_pairs(shape: str, n: int, scale: float = 1.0, seed: int = 0) -> list[dict]:
+def make_pairs(shape: str, n: int, scale: float = 1.0, spread: float = 0.0, seed: int = 0) -> list[dict]:
     """Conversational pairs (so that both trainers render them with the chat template) whose
-    lengths are fixed by the shape; the two completions differ from their first word."""
+    lengths are set by the shape: each part's word count is the shape's times `scale`, and with
+    `spread` times a uniform factor in [1 - spread, 1 + spread] drawn per part, as real data varies.
+    The two completions differ from their first word."""
     rng = random.Random(seed)
-    prompt_words, completion_words = (round(k * scale) for k in SHAPES[shape])
+    words = lambda k: max(2, round(k * scale * rng.uniform(1 - spread, 1 + spread)))
     text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
     turn = lambda role, content: [{"role": role, "content": content}]
-    return [{"prompt": turn("user", text(prompt_words)), "chosen": turn("assistant", "yes " + text(completion_words - 1)),
-             "rejected": turn("assistant", "no " + text(completion_words - 1))} for _ in range(n)]
+    prompt_words, completion_words = SHAPES[shape]
+    return [{"prompt": turn("user", text(words(prompt_words))),
+             "chosen": turn("assistant", "yes " + text(words(completion_words) - 1)),
+             "rejected": turn("assistant", "no " + text(words(completion_words) - 1))} for _ in range(n)]
 
 
 def peak_memory_mb() -> float:
@@ -125,7 +129,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds per shape")
     parser.add_argument("--shapes", default="prompt-heavy,completion-heavy")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every length of the shapes")
-    parser.add_argument("--layouts", default="packed", help="our layouts to run: padded, packed or both")
+    parser.add_argument("--spread", type=float, default=0.0,
+                        help="vary each prompt's and completion's length by up to this fraction (0.5: 50%% to 150%%)")
+    parser.add_argument("--layouts", default="packed", help="our layouts to run, comma-separated: packed, rows, padded")
     parser.add_argument("--lora", type=int, default=0, help="also run each layout with a LoRA adapter of this rank")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -139,7 +145,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         data = Path(tempfile.mkdtemp()) / f"{shape}.jsonl"
-        pairs = make_pairs(shape, n=args.batch * (args.steps + 1), scale=args.scale)
+        pairs = make_pairs(shape, n=args.batch * (args.steps + 1), scale=args.scale, spread=args.spread)
         data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         tokens_per_pair = pair_tokens(args.model, pairs, args.max_length)
         results = {name: [] for name in trainers}
@@ -162,7 +168,7 @@ def main() -> None:
                          "pairs/s": args.batch / step_seconds, "peak_mb": max(r["peak_mb"] for r in runs),
                          "tokens_per_pair": tokens_per_pair})
     print(f"\nmodel {args.model}, {args.dtype}, {args.batch} pairs per step, {args.steps} timed steps, "
-          f"{args.repeats} round(s), lengths x{args.scale}")
+          f"{args.repeats} round(s), lengths x{args.scale}, spread {args.spread}")
     print(f"{'shape':18s}{'trainer':20s}{'tokens/s':>10s}{'pairs/s':>9s}{'peak MB':>9s}"
           f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}")
     for row in rows:

@@ -1,5 +1,6 @@
-"""The fast paths are exact: packed shared-prompt rows, the chunked LM head and log-softmax, and
-gradient checkpointing give the padded path's log-probs, loss and gradients to 1e-5 in fp32."""
+"""The fast paths are exact: the padding-free packed row, shared-prompt rows, the chunked LM head
+and log-softmax, and gradient checkpointing give the padded path's log-probs, loss and gradients
+to 1e-5 in fp32."""
 
 import math
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from dpo_train.data import collate, collate_packed, tokenize_pair
+from dpo_train import attention
+from dpo_train.data import COLLATES, collate, collate_packed, collate_rows, tokenize_pair
 from dpo_train.logps import concatenated_forward, separable_head, token_logps
 from dpo_train.losses import dpo_loss
 from dpo_train.models import enable_activation_checkpointing
@@ -40,17 +42,41 @@ def assert_same_numbers(expected, got):
         assert torch.allclose(grad, got[3][name], atol=1e-5), name
 
 
-def test_packed_rows_give_the_padded_log_probs_loss_and_gradients():
+@pytest.mark.parametrize("layout", ["packed", "rows"])
+def test_shared_prompt_layouts_give_the_padded_log_probs_loss_and_gradients(layout):
     tokenizer, tokenized = pairs()
     model = make_model(len(tokenizer))
     padded = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id))
-    packed = loss_and_grads(model, collate_packed(tokenized, tokenizer.pad_token_id))
-    assert_same_numbers(padded, packed)
+    shared = loss_and_grads(model, COLLATES[layout](tokenized, tokenizer.pad_token_id))
+    assert_same_numbers(padded, shared)
+
+
+def test_the_packed_row_holds_each_pair_once_with_no_padding_and_scores_only_completions():
+    tokenizer, tokenized = pairs()
+    batch = collate_packed(tokenized, tokenizer.pad_token_id)
+    sequences = [p["prompt_ids"] + p["chosen_ids"] + p["rejected_ids"] for p in tokenized]
+    assert batch["input_ids"].tolist() == [sum(sequences, [])]  # nothing but the pairs' own tokens
+    assert batch["num_tokens"].item() == sum(map(len, sequences))
+    start = 0
+    for i, pair in enumerate(tokenized):
+        p, c, r = (len(pair[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        assert batch["pair_spans"][i].tolist() == [start, p, c, r]
+        # both answers continue from the prompt's end
+        assert batch["position_ids"][0, start:start + p + c + r].tolist() == list(range(p + c)) + list(range(p, p + r))
+        for side, owner in (("chosen_ids", i), ("rejected_ids", len(tokenized) + i)):
+            mine = batch["owners"] == owner
+            assert batch["targets"][mine].tolist() == pair[side]
+            # the first token is predicted by the prompt's last, each next one by the token before it
+            predictors = batch["logits_to_keep"][mine].tolist()
+            first = start + p if side == "chosen_ids" else start + p + c
+            assert predictors == [start + p - 1] + list(range(first, first + len(pair[side]) - 1))
+        start += p + c + r
+    assert len(batch["targets"]) == sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized)
 
 
 def test_shared_prompt_rows_hold_each_prompt_once_and_score_only_completions():
     tokenizer, tokenized = pairs()
-    batch = collate_packed(tokenized, tokenizer.pad_token_id)
+    batch = collate_rows(tokenized, tokenizer.pad_token_id)
     lengths = [len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized]
     assert batch["input_ids"].shape == (3, max(lengths)) and batch["num_tokens"].item() == sum(lengths)
     assert len(batch["targets"]) == sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized)
@@ -100,7 +126,7 @@ def head_calls(model):
     return rows
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "rows", "packed"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_head_gives_the_full_heads_log_probs_loss_and_gradients(layout, tied):
     tokenizer, tokenized = pairs()
@@ -109,7 +135,7 @@ def test_chunked_head_gives_the_full_heads_log_probs_loss_and_gradients(layout, 
         model.lm_head.weight = model.model.embed_tokens.weight
     head = model.get_output_embeddings()
     expected = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id), full_head_logps)
-    batch = (collate_packed if layout == "packed" else collate)(tokenized, tokenizer.pad_token_id)
+    batch = COLLATES[layout](tokenized, tokenizer.pad_token_id)
     rows = head_calls(model)
     chunked = loss_and_grads(model, batch, lambda m, b: concatenated_forward(m, b, chunk_size=8))
     completion_tokens = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in tokenized)
@@ -124,7 +150,7 @@ def test_chunked_head_in_bf16_gives_the_full_heads_numbers_at_bf16_precision():
     tokenizer, tokenized = pairs()
     model = make_model(len(tokenizer)).to(torch.bfloat16)
     expected = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id), full_head_logps)
-    for collate_fn in (collate, collate_packed):
+    for collate_fn in (collate, collate_rows, collate_packed):
         chunked = loss_and_grads(model, collate_fn(tokenized, tokenizer.pad_token_id),
                                  lambda m, b: concatenated_forward(m, b, chunk_size=8))
         assert chunked[0].dtype == torch.float32  # log-probs are summed in fp32 whatever the weights' dtype
@@ -151,7 +177,8 @@ def test_models_that_transform_logits_after_the_head_keep_their_own_head(family)
     assert separable_head(model) is None
     with torch.no_grad():
         expected = full_head_logps(model, collate(tokenized, tokenizer.pad_token_id))
-        for collate_fn in (collate, collate_packed):  # Gemma2 runs eager attention here
+        # Gemma2 runs eager attention here, softcapped: the packed layout's attention does not implement that
+        for collate_fn in (collate, collate_rows) + ((collate_packed,) if family == "cohere" else ()):
             got = concatenated_forward(model, collate_fn(tokenized, tokenizer.pad_token_id), chunk_size=8)
             assert all(torch.allclose(e, g, rtol=1e-6, atol=1e-5) for e, g in zip(expected, got)), collate_fn
 
@@ -202,15 +229,16 @@ def test_a_sharded_head_is_not_taken_outside_the_forward():
     assert separable_head(model) is None
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("layout", ["padded", "rows", "packed"])
+def test_gradient_checkpointing_gives_the_same_gradients(layout):
+    """The packed layout's attention is recomputed in the backward pass too, outside our forward:
+    it must still see the pairs apart."""
     tokenizer, tokenized = pairs()
     model = make_model(len(tokenizer))
-    batch = collate(tokenized, tokenizer.pad_token_id)
-    plain = loss_and_grads(model, batch)
+    plain = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id))
     enable_activation_checkpointing(model)
-    checkpointed = loss_and_grads(model, batch)
-    assert abs(plain[2] - checkpointed[2]) < 1e-6
-    assert all(torch.allclose(g, checkpointed[3][n], atol=1e-5) for n, g in plain[3].items())
+    checkpointed = loss_and_grads(model, COLLATES[layout](tokenized, tokenizer.pad_token_id))
+    assert_same_numbers(plain, checkpointed)
 
 
 def test_a_padded_run_starts_at_ln2_and_learns(tmp_path, tiny_model_dir, tiny_data):
@@ -242,14 +270,61 @@ def test_compiled_policy_trains_to_the_same_weights(tmp_path, tiny_model_dir, ti
     assert all(torch.allclose(runs["false"][k], runs["true"][k], atol=1e-5) for k in runs["false"])
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_packed_rows_are_exact_under_eager_and_sdpa_attention(attention):
-    """Eager attention adds a 4-D mask to its scores; SDPA also reads booleans. The packed layout's
-    mask must mean the same to both."""
+@pytest.mark.parametrize("layout", ["rows", "packed"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_shared_prompt_layouts_are_exact_under_eager_and_sdpa_attention(implementation, layout):
+    """Eager attention adds a 4-D mask to its scores; SDPA also reads booleans. The rows layout's
+    mask must mean the same to both; the packed layout's attention stands in for either."""
     tokenizer, tokenized = pairs()
     model = make_model(len(tokenizer))
-    model.set_attn_implementation(attention)
+    model.set_attn_implementation(implementation)
     with torch.no_grad():
         padded = concatenated_forward(model, collate(tokenized, tokenizer.pad_token_id))
-        packed = concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))
-    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-5) for a, b in zip(padded, packed))
+        shared = concatenated_forward(model, COLLATES[layout](tokenized, tokenizer.pad_token_id))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-5) for a, b in zip(padded, shared))
+
+
+@pytest.mark.parametrize("window", [4, 12, 1000])
+def test_the_packed_layout_keeps_a_sliding_window(window):
+    """Mistral attends only to the last `sliding_window` positions: the pair attention must cut each
+    answer's view of its prompt the same way (12 cuts some rows, 4 nearly all, 1000 none)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    tokenizer, tokenized = pairs()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=window, pad_token_id=1))
+    padded = loss_and_grads(model, collate(tokenized, tokenizer.pad_token_id))
+    packed = loss_and_grads(model, collate_packed(tokenized, tokenizer.pad_token_id))
+    assert_same_numbers(padded, packed)
+
+
+def test_the_packed_layout_leaves_the_models_own_attention_for_everything_else():
+    """Generation (left-padded, with a cache) after a packed forward runs the model's own attention."""
+    tokenizer, tokenized = pairs()
+    model = make_model(len(tokenizer))
+    prompts = tokenizer(["1+2=", "a longer prompt"], return_tensors="pt", padding=True, padding_side="left")
+    before = model.generate(**prompts, max_new_tokens=5, do_sample=False)
+    concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))
+    assert model.config._attn_implementation.startswith(attention.PREFIX)
+    assert torch.equal(model.generate(**prompts, max_new_tokens=5, do_sample=False), before)
+
+
+def test_a_model_whose_attention_ignores_the_interface_is_refused(monkeypatch):
+    """A model that never calls the registered attention would let pairs attend to each other."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama import modeling_llama
+    tokenizer, tokenized = pairs()
+    model = make_model(len(tokenizer))
+    monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *args: sdpa_attention_forward)
+    with pytest.raises(RuntimeError, match="train.layout: rows"):
+        concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))
+
+
+def test_softcapped_attention_is_left_to_the_rows_layout():
+    from transformers import Gemma2Config
+    reason = attention.unsupported(Gemma2Config(attn_logit_softcapping=50.0))
+    assert "attn_logit_softcapping" in reason
+    with pytest.raises(ValueError, match="train.layout: rows"):
+        attention.enable(Gemma2Config(attn_logit_softcapping=50.0))
+    assert attention.unsupported(Gemma2Config(attn_logit_softcapping=None)) is None

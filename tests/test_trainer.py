@@ -57,6 +57,8 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, tiny_data):
 
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    assert "dpo_pairs" not in (run / "final" / "config.json").read_text()  # the layout's attention stays ours
+    assert model.config._attn_implementation == "sdpa"
     assert not torch.equal(model.lm_head.weight, AutoModelForCausalLM.from_pretrained(tiny_model_dir).lm_head.weight)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
