@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -76,8 +75,9 @@ def own_attention(module: torch.nn.Module):
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sliding_window: int | None,
            dropout: float, scaling: float | None) -> torch.Tensor:
-    """Causal attention of the last q positions over all k: query (1, H, q, D), key and value
-    (1, H, k, D) with k >= q -> (1, H, q, D). Query i sits at key position k - q + i."""
+    """Causal attention of the last q positions over all k: query (1, Hq, q, D), key and value
+    (1, Hkv, k, D) with k >= q -> (1, Hq, q, D). Query i sits at key position k - q + i. Grouped
+    keys and values (Hkv < Hq) are read in place, not repeated."""
     q, k = query.shape[2], key.shape[2]
     mask, is_causal = None, q == k
     if sliding_window is not None and k > sliding_window:  # a key at distance >= window is out of reach
@@ -86,8 +86,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sliding_
         mask, is_causal = (distance >= 0) & (distance < sliding_window), False
     elif q != k:
         mask = causal_lower_right(q, k)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
-                                          dropout_p=dropout, scale=scaling)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                          scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
 
 
 def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -103,8 +103,6 @@ def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         raise NotImplementedError(f"padding-free layout: the model's attention uses {extra}, which it does not "
                                   "implement; use train.layout: rows")
     spans.used = True
-    groups = query.shape[1] // key.shape[1]  # grouped-query attention: each key/value head serves `groups`
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     outputs = []
     for start, prompt, chosen, rejected in spans:
         prompt_and_chosen = slice(start, start + prompt + chosen)
