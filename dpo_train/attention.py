@@ -99,7 +99,7 @@ def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     if spans is None:
         return own_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      sliding_window=sliding_window, **kwargs)
-    if extra := sorted(name for name, value in kwargs.items() if value is not None and name not in HARMLESS):
+    if extra := sorted(name for name, setting in kwargs.items() if setting is not None and name not in HARMLESS):
         raise NotImplementedError(f"padding-free layout: the model's attention uses {extra}, which it does not "
                                   "implement; use train.layout: rows")
     spans.used = True

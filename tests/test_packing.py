@@ -328,3 +328,19 @@ def test_softcapped_attention_is_left_to_the_rows_layout():
     with pytest.raises(ValueError, match="train.layout: rows"):
         attention.enable(Gemma2Config(attn_logit_softcapping=50.0))
     assert attention.unsupported(Gemma2Config(attn_logit_softcapping=None)) is None
+
+
+def test_an_attention_feature_the_pair_attention_lacks_stops_the_forward():
+    """Should a model pass its attention a setting the pair attention does not implement (here
+    Gemma2's softcap, switched on after the layout was chosen), the forward stops instead of
+    returning numbers without it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    tokenizer, tokenized = pairs()
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=8, pad_token_id=1, attn_logit_softcapping=None))
+    concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))  # runs without softcapping
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 50.0
+    with pytest.raises(NotImplementedError, match="softcap.*train.layout: rows"):
+        concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))
