@@ -344,3 +344,21 @@ def test_an_attention_feature_the_pair_attention_lacks_stops_the_forward():
         layer.self_attn.attn_logit_softcapping = 50.0
     with pytest.raises(NotImplementedError, match="softcap.*train.layout: rows"):
         concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))
+
+
+def test_a_softcapped_model_trains_in_the_rows_layout(tmp_path, tiny_data, capsys):
+    """train.layout: packed on Gemma2 (softcapped attention) switches to rows, says so, and trains."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from dpo_train.trainer import train
+    from test_trainer import read_metrics, tiny_config
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=1,
+                                   bos_token_id=2, eos_token_id=4)).save_pretrained(tmp_path / "gemma2")
+    tokenizer.save_pretrained(tmp_path / "gemma2")
+    train(tiny_config(tmp_path, tmp_path / "gemma2", tiny_data, "train.max_steps=2", "data.eval=null",
+                      "train.eval_max_new_tokens=0"))
+    assert "attn_logit_softcapping; using the rows layout" in capsys.readouterr().out
+    assert abs(read_metrics(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6
