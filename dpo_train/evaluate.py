@@ -10,7 +10,8 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from .data import build_dataset, collate
+from . import attention
+from .data import COLLATES, build_dataset
 from .logps import policy_and_reference_logps
 from .losses import objective
 from .metrics import add, means, pair_metrics
@@ -98,8 +99,10 @@ def evaluate_models(model_path: str, ref_path: str, data: str, split: str = "tes
             raise ModelError(f"{path}: {m.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
                              f"{len(tokenizer)} tokens of {model_path}'s tokenizer; model and reference must share it")
     pairs, rows, stats = build_dataset(data, split, tokenizer, max_length, max_prompt_length)
+    # the training layout: padding-free, unless either model's attention needs the rows layout
+    layout = "rows" if any(attention.unsupported(m.config) for m in (model, reference)) else "packed"
     loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
-                                            collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id)))
+                                            collate_fn=partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)))
     models = {"reference": reference.to(accelerator.device), "model": model.to(accelerator.device)}
     loss_fn = objective("sigmoid", beta)
     metrics = {name: preference_metrics(accelerator, m, reference, loader, loss_fn) for name, m in models.items()}
