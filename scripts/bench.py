@@ -109,7 +109,7 @@ def run_ours(args, data: Path, layout: str, lora: int = 0) -> dict:
         "data": {"train": str(data), "max_length": args.max_length, "max_prompt_length": args.max_length - 1},
         "train": {"output_dir": str(out / "run"), "per_device_batch_size": args.batch, "learning_rate": 1e-6,
                   "max_steps": args.steps + 1, "layout": layout, "eval_max_new_tokens": 0, "seed": 0,
-                  "compile": args.compile}}))
+                  "compile": args.compile, "gradient_checkpointing": args.gradient_checkpointing}}))
     train(load_config(config))
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["step"] >= 1]  # step 0 is the warm-up
@@ -137,7 +137,9 @@ def run_trl(args, data: Path) -> dict:
     config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
                        learning_rate=1e-6, beta=0.1, max_length=args.max_length, logging_steps=1, report_to=[],
                        save_strategy="no", use_cpu=not torch.cuda.is_available(), bf16=args.dtype == "bfloat16",
-                       dataloader_num_workers=0, seed=0)
+                       dataloader_num_workers=0, seed=0,
+                       # TRL's default is True; both trainers run with the same setting
+                       gradient_checkpointing=args.gradient_checkpointing)
     trainer = DPOTrainer(model=model, args=config, train_dataset=load_dataset("json", data_files=str(data),
                          split="train"), processing_class=load_tokenizer(args.model), callbacks=[Timer()])
     trainer.train()
@@ -171,6 +173,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak TFLOPS for MFU (default: known GPUs "
                         "from a table; MFU is left out on a CPU)")
     parser.add_argument("--compile", action="store_true", help="our runs with train.compile (the warm-up step compiles)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="both trainers recompute activations in the backward pass (off for both by default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,7 +198,8 @@ def main() -> None:
             for name in trainers:  # alternate, so drifts in machine speed hit every trainer alike
                 cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--model", args.model,
                        "--dtype", args.dtype, "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--max-length", str(args.max_length)] + (["--compile"] if args.compile else [])
+                       "--max-length", str(args.max_length)] + (["--compile"] if args.compile else []) + (
+                       ["--gradient-checkpointing"] if args.gradient_checkpointing else [])
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
                 if line is None:
@@ -211,7 +216,8 @@ def main() -> None:
             if peak:
                 rows[-1]["mfu"] = mfu(rows[-1]["tokens/s"], parameters, peak)
     print(f"\nmodel {args.model}, {args.dtype}, {args.batch} pairs per step, {args.steps} timed steps, "
-          f"{args.repeats} round(s), lengths x{args.scale}, spread {args.spread}"
+          f"{args.repeats} round(s), lengths x{args.scale}, spread {args.spread}, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for both"
           + (f", MFU against {peak} TFLOPS and {parameters / 1e6:.1f}M parameters" if peak else ""))
     print(f"{'shape':18s}{'trainer':20s}{'tokens/s':>10s}{'pairs/s':>9s}{'peak MB':>9s}"
           f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}" + (f"{'MFU':>8s}" if peak else ""))
