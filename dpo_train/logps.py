@@ -111,6 +111,14 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
+def completion_sums(outputs: torch.Tensor, batch: dict[str, torch.Tensor], head: torch.nn.Module | None,
+                    chunk_size: int) -> torch.Tensor:
+    """(K, H) hidden states (or (K, V) logits) at the positions predicting the batch's K completion
+    tokens -> (2B,) fp32 log-prob sums, each token added to its owner row (chosen then rejected)."""
+    per_token = token_logps(outputs, batch["targets"], head, chunk_size)  # (K,)
+    return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
+
+
 def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
     """Completion log-probs of the padding-free row of data.collate_packed, (2B,) chosen then rejected.
     The model's attention is routed through attention.pair_attention (once, in place); the forward
@@ -126,8 +134,7 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
     if not spans.used:
         raise RuntimeError(f"padding-free layout: {type(base).__name__} does not route its attention through "
                            "transformers' AttentionInterface; use train.layout: rows")
-    per_token = token_logps(outputs[0], batch["targets"], head, chunk_size)  # (K,)
-    return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
+    return completion_sums(outputs[0], batch, head, chunk_size)
 
 
 def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
@@ -136,8 +143,7 @@ def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "logits_to_keep")}
     inputs["attention_mask"] = additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
     outputs, head = hidden_states_or_logits(model, **inputs)  # (B, K', H), or (B, K', V) and no head
-    per_token = token_logps(outputs.flatten(0, 1)[batch["predict_index"]], batch["targets"], head, chunk_size)  # (K,)
-    return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
+    return completion_sums(outputs.flatten(0, 1)[batch["predict_index"]], batch, head, chunk_size)
 
 
 def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
