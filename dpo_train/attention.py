@@ -50,6 +50,13 @@ def unsupported(config) -> str | None:
     return None
 
 
+def usable_layout(layout: str, configs: list) -> tuple[str, str | None]:
+    """(the layout to run, why it differs from `layout` or None): `packed` becomes `rows` when the
+    pair attention cannot stand in for the attention of any of the models (policy, reference)."""
+    reason = next(filter(None, map(unsupported, configs)), None) if layout == "packed" else None
+    return ("rows", reason) if reason else (layout, None)
+
+
 def enable(config) -> None:
     """Route the model's attention through `pair_attention` (idempotent). Its own implementation
     keeps serving every call without spans, with its own masks."""

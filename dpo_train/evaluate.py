@@ -99,8 +99,7 @@ def evaluate_models(model_path: str, ref_path: str, data: str, split: str = "tes
             raise ModelError(f"{path}: {m.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
                              f"{len(tokenizer)} tokens of {model_path}'s tokenizer; model and reference must share it")
     pairs, rows, stats = build_dataset(data, split, tokenizer, max_length, max_prompt_length)
-    # the training layout: padding-free, unless either model's attention needs the rows layout
-    layout = "rows" if any(attention.unsupported(m.config) for m in (model, reference)) else "packed"
+    layout, _ = attention.usable_layout("packed", [model.config, reference.config])  # as in training
     loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
                                             collate_fn=partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)))
     models = {"reference": reference.to(accelerator.device), "model": model.to(accelerator.device)}

@@ -130,10 +130,10 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loaders are prepared on their own, below
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    layout = t.layout
-    if layout == "packed" and (reason := attention.unsupported(accelerator.unwrap_model(policy).config)):
+    scorers = [accelerator.unwrap_model(policy)] + ([reference] if reference is not None else [])
+    layout, reason = attention.usable_layout(t.layout, [model.config for model in scorers])
+    if reason:
         log(f"train.layout packed: {reason}; using the rows layout instead (the same numbers, with padding)")
-        layout = "rows"
     collate_fn = partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)
     if reference is not None and not isinstance(reference, AdapterDisabled):  # that one lives inside the policy
         reference = place_reference(accelerator, reference)

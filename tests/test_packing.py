@@ -330,6 +330,17 @@ def test_softcapped_attention_is_left_to_the_rows_layout():
     assert attention.unsupported(Gemma2Config(attn_logit_softcapping=None)) is None
 
 
+def test_the_rows_layout_serves_when_either_model_needs_it():
+    """Policy and reference are scored in one layout: a reference of softcapped attention sends both to rows."""
+    from transformers import Gemma2Config, LlamaConfig
+    plain, softcapped = LlamaConfig(), Gemma2Config(attn_logit_softcapping=50.0)
+    assert attention.usable_layout("packed", [plain, plain]) == ("packed", None)
+    layout, reason = attention.usable_layout("packed", [plain, softcapped])
+    assert layout == "rows" and "attn_logit_softcapping" in reason
+    assert attention.usable_layout("padded", [softcapped]) == ("padded", None)
+    assert attention.usable_layout("rows", [plain]) == ("rows", None)
+
+
 def test_an_attention_feature_the_pair_attention_lacks_stops_the_forward():
     """Should a model pass its attention a setting the pair attention does not implement (here
     Gemma2's softcap, switched on after the layout was chosen), the forward stops instead of
