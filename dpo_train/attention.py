@@ -93,6 +93,10 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sliding_
         mask, is_causal = (distance >= 0) & (distance < sliding_window), False
     elif q != k:
         mask = causal_lower_right(q, k)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # a CausalBias mask dispatches around autocast: cast as autocast would
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
                                           scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
 
