@@ -24,7 +24,8 @@ MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
 # Keys that do not change the math of training: a resumed run may change these freely.
 SAFE_TO_CHANGE = {"train.output_dir", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every",
-                  "train.eval_max_new_tokens", "train.num_threads", "data.eval", "data.eval_split"}
+                  "train.eval_max_new_tokens", "train.num_threads", "train.collective_timeout", "data.eval",
+                  "data.eval_split"}
 
 
 class CheckpointError(RuntimeError):
@@ -146,9 +147,11 @@ def find_resume_point(output_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def resume_point(output_dir: Path, resume: str | None, force: bool, config: dict, log=print) -> Path | None:
-    """The checkpoint to continue from, after checking that its config matches `config` in
-    everything that changes the math (unless `force`). None: start fresh."""
+def resume_point(output_dir: Path, resume: str | None, force: bool, config: dict, num_processes: int,
+                 log=print) -> Path | None:
+    """The checkpoint to continue from, after checking that it was written by `num_processes`
+    processes and that its config matches `config` in everything that changes the math (unless
+    `force`). None: start fresh."""
     start = find_resume_point(output_dir, resume)
     if start is None:
         if resume == "auto":
@@ -157,6 +160,12 @@ def resume_point(output_dir: Path, resume: str | None, force: bool, config: dict
             raise CheckpointError(f"{output_dir} already holds checkpoints from an earlier run; continue it with "
                                   "--resume auto, or choose another train.output_dir")
         return None
+    # Each process's RNG state and its place in the data order, and under sharded engines its shard of the
+    # weights and optimizer, belong to one process of the run that wrote them.
+    written_by = json.loads((start / STATE).read_text()).get("num_processes", 1)
+    if written_by != num_processes:
+        raise CheckpointError(f"{start}: written by {written_by} process(es); resume it with {written_by}, not "
+                              f"{num_processes} (each process's data position, random state and shards are its own)")
     saved = yaml.safe_load((start / "config.yaml").read_text())
     differing = config_differences(saved, config)
     if differing and not force:
@@ -179,7 +188,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 def save_final(accelerator, policy, tokenizer, directory: Path, card: str, merged: bool = False) -> None:
     """Write the policy, tokenizer and a model card (README.md) so that `from_pretrained` loads
     them. A LoRA policy (peft) writes only its adapter, and with `merged` also `merged/`: a plain
-    model with the adapter folded in. Every process takes part (sharded engines gather the
+    model with the adapter folded in. Every process takes part (sharded engines gather the whole
     weights); only the main process writes."""
     state_dict = accelerator.get_state_dict(policy)
     if accelerator.is_main_process:
@@ -187,7 +196,10 @@ def save_final(accelerator, policy, tokenizer, directory: Path, card: str, merge
         model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(directory)
         (directory / "README.md").write_text(card)
-        if merged:  # last: merging changes the policy in place
-            model.merge_and_unload().save_pretrained(directory / "merged", safe_serialization=True)
+        if merged:  # from the saved adapter and its base: sharded weights cannot be merged in place
+            from peft import AutoPeftModelForCausalLM
+
+            AutoPeftModelForCausalLM.from_pretrained(directory, dtype=next(iter(state_dict.values())).dtype
+                                                     ).merge_and_unload().save_pretrained(directory / "merged")
             tokenizer.save_pretrained(directory / "merged")
     accelerator.wait_for_everyone()

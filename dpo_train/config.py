@@ -95,6 +95,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the policy (inductor, dynamic shapes); the first steps compile
     report_to: Tracker = "none"  # also log metrics to an Accelerate tracker, under {output_dir}/tracking
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
+    collective_timeout: int = 1800  # seconds a process waits in a collective (for a failed peer) before it gives up
 
 
 @dataclass
@@ -209,6 +210,7 @@ def _validate(config: Config, path: Path) -> None:
           d.max_length)
     for key in ("per_device_batch_size", "grad_accum_steps", "epochs", "log_every", "keep_last"):
         check(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
+    check(t.collective_timeout >= 1, "train.collective_timeout", "must be >= 1 (seconds)", t.collective_timeout)
     for key in ("warmup_steps", "eval_every", "save_every", "eval_max_new_tokens", "num_threads"):
         check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
     check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)

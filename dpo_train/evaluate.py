@@ -8,6 +8,7 @@ from functools import partial
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from . import attention
@@ -49,8 +50,10 @@ def normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy completions for already-tokenized prompts, decoded without special tokens."""
+def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 16,
+             synced: bool = False) -> list[str]:
+    """Greedy completions for already-tokenized prompts, decoded without special tokens. `synced`
+    keeps every process stepping until all are done (sharded weights gather inside each forward)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -63,10 +66,19 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
+                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
     model.train(was_training)
     return outputs
+
+
+def generate_on_every_process(accelerator, model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                              synced: bool) -> list[str]:
+    """Greedy completions of all prompts, in order, on every process: each process generates its share
+    (equal shares, the last one padded with repeats), in lock-step when `synced`."""
+    with accelerator.split_between_processes(list(prompt_ids), apply_padding=True) as share:
+        outputs = generate(accelerator.unwrap_model(model), tokenizer, share, max_new_tokens, synced=synced)
+    return gather_object(outputs)[:len(prompt_ids)]
 
 
 def exact_match(outputs: list[str], answers: list[str]) -> float:
@@ -133,3 +145,21 @@ def format_report(result: dict) -> str:
         for j, (key, value) in enumerate(example.items()):
             lines.append(f"{f'[{i}]' if j == 0 else '':4s} {key + ':':10s} {one_line(value)}")
     return "\n".join(lines)
+
+
+def final_evaluation(accelerator, policy, reference, eval_loader, loss_fn, tokenizer, eval_set, eval_rows,
+                     max_new_tokens: int, synced: bool = False) -> dict:
+    """Held-out metrics for the trained policy and, when there is one, the reference; plus greedy
+    exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table."""
+    models = {"policy": policy} if reference is None else {"reference": reference, "policy": policy}
+    results = {name: preference_metrics(accelerator, model, reference, eval_loader, loss_fn)
+               for name, model in models.items()}
+    if "answer" in eval_rows.column_names and max_new_tokens:
+        for name, model in models.items():
+            outputs = generate_on_every_process(accelerator, model, tokenizer, eval_set["prompt_ids"], max_new_tokens,
+                                                synced)
+            results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
+            results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
+                                         zip(eval_rows["prompt"][:5], eval_rows["answer"][:5], outputs[:5])]
+    accelerator.print("\n".join([f"Held-out evaluation on {len(eval_set)} pairs", *metrics_table(results)]))
+    return results

@@ -31,25 +31,32 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 def separable_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The LM head, when it can run outside the model's forward on its final hidden states; None
-    when the model must apply its own head (it transforms logits afterwards, the head is sharded, or
-    DDP looks for unused parameters)."""
-    if getattr(model, "find_unused_parameters", False):  # DDP would mark a head used after its forward as unused
-        return None
+    when the model must apply its own head (head_inside says why)."""
+    return _head_or_reason(model)[0]
+
+
+def head_inside(model: torch.nn.Module) -> str | None:
+    """Why the model applies its own LM head inside the forward, or None when the head runs outside it."""
+    return _head_or_reason(model)[1]
+
+
+def _head_or_reason(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str | None]:
+    if getattr(model, "find_unused_parameters", False):
+        return None, "DDP looks for unused parameters and would mark a head used after its forward as unused"
     base = unwrapped(model)
     head = base.get_output_embeddings() if hasattr(base, "set_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor):
-        return None
+        return None, "the model has no plain output embedding"
     config = getattr(base, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if any(getattr(config, name, None) is not None for name in LOGIT_TRANSFORMS):
-        return None
-    # FSDP and ZeRO-3 gather a sharded weight only inside the model's forward. Outside it the weight
-    # is a DTensor (FSDP2), a 1-D or empty shard (FSDP1 with original params, ZeRO-3's ds_* placeholder)
-    # or a plain tensor view (FSDP1 flat params). Untested here: no multi-process FSDP/DeepSpeed on CPU.
-    sharded = (weight.dim() != 2 or hasattr(weight, "ds_id") or not isinstance(weight, torch.nn.Parameter)
-               or type(weight).__name__ == "DTensor")
-    return None if sharded else head
+    if transform := next((name for name in LOGIT_TRANSFORMS if getattr(config, name, None) is not None), None):
+        return None, f"the model transforms its logits after the head ({transform})"
+    # FSDP2 and ZeRO-3 gather a sharded weight only inside the model's forward; outside it the weight is
+    # a DTensor (FSDP2) or ZeRO-3's empty ds_* placeholder.
+    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id") or weight.dim() != 2:
+        return None, "its weight is sharded (FSDP2 or ZeRO-3) and gathered only inside the forward"
+    return head, None
 
 
 def token_logps(inputs: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None = None,

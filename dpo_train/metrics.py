@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
+
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
 def pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> dict:
@@ -33,6 +36,28 @@ def means(sums: dict, prefix: str = "") -> dict[str, float]:
     """Turn summed metrics into per-pair means (floats), keys prefixed (e.g. 'eval/')."""
     count = sums["count"].item()
     return {prefix + k: v.item() / count for k, v in sums.items() if k != "count"}
+
+
+def reset_peak_memory() -> None:
+    """Start measuring peak memory from now: the accelerator's allocator peak, or on a CPU (Linux)
+    the process's peak resident set size (VmHWM), reset by writing 5 to /proc/self/clear_refs."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    elif PROC_CLEAR_REFS.exists():
+        try:
+            PROC_CLEAR_REFS.write_text("5")
+        except OSError:  # not allowed here: the peak then counts from the process's start
+            pass
+
+
+def peak_memory_mb() -> float:
+    """This process's peak memory since reset_peak_memory, in MiB: allocated CUDA memory on a GPU;
+    peak RSS on a CPU (0 where /proc is missing)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    if not PROC_STATUS.exists():
+        return 0.0
+    return int(re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text()).group(1)) / 1024
 
 
 class MetricsLog:

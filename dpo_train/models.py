@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -142,6 +143,11 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
+def num_parameters(parameters) -> int:
+    """Element count of `parameters`, also when ZeRO-3 has replaced each by an empty placeholder."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in parameters)
+
+
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
     """The reference is only ever evaluated: eval mode, no gradients."""
     model.eval()
@@ -163,10 +169,10 @@ def load_policy_and_reference(name_or_path: str, ref_name_or_path: str | None, d
         return policy, (AdapterDisabled(policy) if need_reference else None)
     if not need_reference:
         return policy, None
-    if ref_name_or_path in (None, name_or_path):
+    if ref_name_or_path in (None, name_or_path) and not is_deepspeed_zero3_enabled():
         reference = copy.deepcopy(policy)  # same checkpoint: copy instead of loading twice
-    else:
-        reference = load_model(ref_name_or_path, dtype)
+    else:  # also under ZeRO-3's partitioned loading, whose parameters cannot be deep-copied
+        reference = load_model(ref_name_or_path or name_or_path, dtype)
     return policy, freeze(reference)
 
 
@@ -207,40 +213,6 @@ class AdapterDisabled(torch.nn.Module):
     def generate(self, **inputs):
         with self.policy.disable_adapter():
             return self.policy.generate(**inputs)
-
-
-def place_reference(accelerator, reference: PreTrainedModel) -> torch.nn.Module:
-    """Put the frozen reference where each engine wants it: sharded for inference only (no
-    optimizer, no gradients) under DeepSpeed ZeRO-3 and FSDP; otherwise a plain replica on this
-    process's device, never wrapped for gradients (DDP would all-reduce nothing but cost memory)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        plugin = accelerator.state.deepspeed_plugin
-        if plugin.zero_stage == 3:
-            import deepspeed
-
-            ds_config = copy.deepcopy(plugin.deepspeed_config)
-            for key in ("optimizer", "scheduler"):
-                ds_config.pop(key, None)
-            engine, *_ = deepspeed.initialize(model=reference, config=ds_config)
-            return engine.eval()
-    elif accelerator.distributed_type == DistributedType.FSDP:
-        layer_classes = set(getattr(reference, "_no_split_modules", None) or [])
-        layers = [m for m in reference.modules() if type(m).__name__ in layer_classes]
-        if accelerator.is_fsdp2:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in layers:  # shard block by block, so only one block is whole at a time
-                fully_shard(layer)
-            fully_shard(reference)
-            return reference
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        policy = ModuleWrapPolicy({type(layer) for layer in layers}) if layers else None
-        return FullyShardedDataParallel(reference, auto_wrap_policy=policy, device_id=accelerator.device)
-    return reference.to(accelerator.device)
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

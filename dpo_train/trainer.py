@@ -1,4 +1,4 @@
-"""The DPO recipe: setup, train, evaluate, save.
+"""The DPO recipe: setup, loop, finish.
 
 A logged `step` is the number of optimizer updates the weights have had: the training record
 for step 0 is computed on the initial weights (policy == reference, so its loss is ln 2), and an
@@ -10,28 +10,27 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import attention, engines, reference as precomputed
 from .card import model_card
-from .checkpoint import (STATE, StopSignals, Stopped, complete_checkpoints, resume_point, save_checkpoint,
-                         save_final)
+from .checkpoint import STATE, StopSignals, Stopped, complete_checkpoints, resume_point, save_checkpoint, save_final
 from .config import Config, save_config
 from .data import COLLATES, build_dataset
-from .evaluate import exact_match, generate, metrics_table, preference_metrics
-from .logps import policy_and_reference_logps
+from .evaluate import final_evaluation, preference_metrics
+from .logps import head_inside, policy_and_reference_logps
 from .losses import REFERENCE_FREE, objective
-from .metrics import MetricsLog, add, means, pair_metrics
-from . import attention, reference as precomputed
-from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, load_policy_and_reference,
-                     load_tokenizer, place_reference)
+from .metrics import MetricsLog, add, means, pair_metrics, peak_memory_mb, reset_peak_memory
+from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, hf_dir, load_policy_and_reference,
+                     load_tokenizer, num_parameters)
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -64,20 +63,38 @@ class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient, with the step and the last good checkpoint."""
 
 
-def all_finite(accelerator, loss: torch.Tensor, grad_norm) -> bool:
-    """Whether every process's loss and the gradient norm are finite (the same answer everywhere)."""
-    finite = torch.isfinite(loss.detach()).item() and (grad_norm is None or torch.isfinite(grad_norm).item())
+def all_finite(accelerator, *values) -> bool:
+    """Whether every value (tensors, floats or None) is finite on every process: the same answer everywhere."""
+    finite = all(v is None or bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
     return not on_any_process(accelerator, not finite)
 
 
-def last_checkpoint(root: Path) -> str:
-    found = complete_checkpoints(root) if root.is_dir() else []
-    return str(found[-1]) if found else "none (set train.save_every to keep some)"
+@dataclass
+class Run:
+    """What the loop and the finish need; `setup` builds it."""
+    config: Config
+    accelerator: object
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    optimizer: object
+    scheduler: object
+    loss_fn: object
+    train_loader: object
+    eval_loader: object
+    eval_set: object
+    eval_rows: object
+    tokenizer: object
+    data_stats: dict
+    metrics_log: MetricsLog
+    total_steps: int
+    position: dict  # step, epoch, batches_done (micro-batches into `epoch`), skipped (non-finite updates dropped)
 
+    @property
+    def out(self) -> Path:
+        return Path(self.config.train.output_dir)
 
-def flat(tree: dict) -> dict:
-    """{'train': {'seed': 1}} -> {'train.seed': 1}, with None as a string: what trackers accept."""
-    return {f"{section}.{k}": ("null" if v is None else v) for section, values in tree.items() for k, v in values.items()}
+    def log(self, text: str) -> None:
+        self.accelerator.print(text)
 
 
 def train(config: Config, resume: str | None = None, force_resume: bool = False) -> dict:
@@ -86,16 +103,19 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     `resume`: None starts fresh; "auto" continues from the newest complete checkpoint in
     output_dir (or starts fresh, saying so); a path continues from that checkpoint.
     """
+    run = setup(config, resume, force_resume)
+    loop(run)
+    return finish(run)
+
+
+def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
+    """Accelerator, data, policy and reference, optimizer and schedule, checkpoint state."""
     m, d, l, t = config.model, config.data, config.loss, config.train
-    # --- setup ---
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              cpu=not torch.accelerator.is_available(),  # lets torchrun on CPU use gloo
-                              log_with=None if t.report_to == "none" else t.report_to,
-                              project_dir=Path(t.output_dir) / "tracking")
-    log = accelerator.print
-    out, checkpoints = Path(t.output_dir), Path(t.output_dir) / "checkpoints"
-    start = resume_point(out, resume, force_resume, config.to_dict(), log)
+    engines.check_config(config)  # what the launched engine cannot run stops here, before any model loads
+    accelerator = engines.build_accelerator(t.grad_accum_steps, None if t.report_to == "none" else t.report_to,
+                                            Path(t.output_dir) / "tracking", t.collective_timeout)
+    log, out = accelerator.print, Path(t.output_dir)
+    start = resume_point(out, resume, force_resume, config.to_dict(), accelerator.num_processes, log)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     set_seed(t.seed)
@@ -106,159 +126,190 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         if start is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
 
-    with accelerator.main_process_first():  # the first process fills the GGUF and datasets caches
+    with accelerator.local_main_process_first():  # the first process of each machine fills the GGUF and datasets caches
         tokenizer = load_tokenizer(m.name_or_path)
+        if m.ref_name_or_path:
+            hf_dir(m.ref_name_or_path)
         tokenize = partial(build_dataset, tokenizer=tokenizer, max_length=d.max_length,
                            max_prompt_length=d.max_prompt_length)
         train_set, _, train_stats = tokenize(d.train, d.train_split)
         eval_set, eval_rows, eval_stats = tokenize(d.eval, d.eval_split) if d.eval else (None, None, None)
-        # The reference always comes from the original model, never from a checkpoint.
-        lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
-        policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
-                                                      need_reference=not (l.reference_free or l.type in REFERENCE_FREE))
-    log(f"train data: {train_stats}")
-    if eval_stats:
-        log(f"eval data: {eval_stats}")
-
+    log(f"train data: {train_stats}" + (f"\neval data: {eval_stats}" if eval_stats else ""))
+    # Every process at once: under ZeRO-3 loading is collective (each process keeps its partition).
+    # The reference always comes from the original model, never from a checkpoint.
+    lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
+    policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
+                                                  need_reference=not (l.reference_free or l.type in REFERENCE_FREE))
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     if t.compile:  # in place: parameter names, checkpoints and the saved model are unchanged
         policy.compile(dynamic=True)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA, only the adapter
-    log(f"training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in policy.parameters()):,} parameters")
-    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # the loaders are prepared on their own, below
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    log(f"training {num_parameters(trainable):,} of {num_parameters(policy.parameters()):,} parameters")
+    adamw = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    engines.configure_deepspeed(accelerator, t.per_device_batch_size, t.max_grad_norm)
+    policy, optimizer = accelerator.prepare(policy, adamw)
     scorers = [accelerator.unwrap_model(policy)] + ([reference] if reference is not None else [])
     layout, reason = attention.usable_layout(t.layout, [model.config for model in scorers])
     if reason:
         log(f"train.layout packed: {reason}; using the rows layout instead (the same numbers, with padding)")
+    if reason := head_inside(policy):
+        log(f"the LM head runs inside the model's forward: {reason}")
     collate_fn = partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)
     if reference is not None and not isinstance(reference, AdapterDisabled):  # that one lives inside the policy
-        reference = place_reference(accelerator, reference)
+        reference = engines.place_reference(accelerator, reference)
     if m.precompute_reference and reference is not None:
         train_set, eval_set = precomputed.attach(accelerator, reference, [train_set, eval_set], collate_fn,
                                                  t.per_device_batch_size, cache_dir(), log)
         reference = None  # freed: training now holds one model
     train_loader = DataLoader(train_set, batch_size=t.per_device_batch_size, shuffle=True, collate_fn=collate_fn)
-    eval_loader = None
-    if eval_set is not None:
-        eval_loader = DataLoader(eval_set, batch_size=t.per_device_batch_size, collate_fn=collate_fn)
+    eval_loader = None if eval_set is None else DataLoader(eval_set, batch_size=t.per_device_batch_size,
+                                                           collate_fn=collate_fn)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     total_steps = t.max_steps or t.epochs * math.ceil(len(train_loader) / t.grad_accum_steps)
-    # Stepped by hand once per optimizer update, so the schedule counts updates on any number of processes.
+    # On the torch optimizer itself (engines wrap it), stepped by hand once per optimizer update, so the
+    # schedule counts updates on any number of processes.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer.optimizer, partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
+        adamw, partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
     accelerator.register_for_checkpointing(scheduler)
-    loss_fn = objective(l.type, l.beta, l.label_smoothing, l.gamma, l.sft_weight)
-    evaluate = partial(preference_metrics, accelerator, loss_fn=loss_fn)
-    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
     if t.report_to != "none":
         accelerator.init_trackers("dpo-train", config=flat(config.to_dict()))
-    state = {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0}  # batches_done: micro-batches into `epoch`
+    run = Run(config, accelerator, policy, reference, optimizer, scheduler,
+              objective(l.type, l.beta, l.label_smoothing, l.gamma, l.sft_weight), train_loader, eval_loader,
+              eval_set, eval_rows, tokenizer, {"train": train_stats, **({"eval": eval_stats} if eval_stats else {})},
+              MetricsLog(out / "metrics.jsonl", accelerator), total_steps,
+              {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0})
     if start is not None:
         accelerator.load_state(start)  # weights, optimizer, scheduler, RNG states of every process
-        state = json.loads((start / STATE).read_text())
+        run.position = {k: v for k, v in json.loads((start / STATE).read_text()).items() if k in run.position}
         if accelerator.is_main_process:
-            metrics_log.truncate(state["metrics_bytes"])  # drop records written after the checkpoint
-        log(f"Resumed from {start} at step {state['step']}")
+            run.metrics_log.truncate(json.loads((start / STATE).read_text())["metrics_bytes"])  # drop later records
+        log(f"Resumed from {start} at step {run.position['step']}")
     log(f"{len(train_set)} train pairs, {total_steps} optimizer steps of "
         f"{t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes} pairs")
+    return run
 
-    def save(step: int) -> Path:
-        state = {"step": step, "epoch": epoch, "batches_done": batches_done, "skipped": skipped,
-                 "metrics_bytes": metrics_log.size() if accelerator.is_main_process else 0}
-        path = save_checkpoint(accelerator, checkpoints, step, state,
-                               yaml.safe_dump(config.to_dict(), sort_keys=False), t.keep_last)
-        log(f"Saved checkpoint {path}")
-        return path
 
-    # --- train ---
-    step, epoch, skipped = state["step"], state["epoch"], state.get("skipped", 0)
-    window, tokens, t0 = None, 0, time.perf_counter()
-    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not accelerator.is_main_process)
+def micro_batches(run: Run):
+    """Training micro-batches from the run's position on, epoch after epoch, counted in run.position."""
+    position, skip = run.position, run.position["batches_done"]  # a resumed run skips what its epoch had done
+    while True:
+        loader = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+        loader.set_epoch(position["epoch"])  # the seeded sampler's order depends on (seed, epoch) only
+        for batch in loader:
+            position["batches_done"] += 1
+            yield batch
+        position["epoch"], position["batches_done"], skip = position["epoch"] + 1, 0, 0
+
+
+def optimizer_step(run: Run, batches) -> tuple[dict, float | None]:
+    """One update: forward, loss and backward over the accumulation's micro-batches (taken from
+    `batches` as they come), then clip, check, step the optimizer and the schedule.
+    Returns the metric sums of its pairs and the gradient norm before clipping."""
+    accelerator, policy, t = run.accelerator, run.policy, run.config.train
+    sums = None
+    for batch in batches:
+        with accelerator.accumulate(policy):
+            loss, batch_sums = training_step(policy, run.reference, batch, run.loss_fn)
+            if engines.steps_inside_backward(accelerator) and not all_finite(accelerator, loss):
+                raise nonfinite_error(run, applied=False)  # DeepSpeed steps inside backward: check first
+            accelerator.backward(loss)  # accelerate divides it by grad_accum_steps
+        sums = add(sums, {**batch_sums, "tokens": batch["num_tokens"]})
+        if accelerator.sync_gradients:
+            break
+    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
+    if not all_finite(accelerator, sums["loss"], grad_norm):
+        if t.on_nonfinite == "stop":
+            raise nonfinite_error(run, applied=engines.steps_inside_backward(accelerator))
+        run.position["skipped"] += 1  # on_nonfinite: skip drops the update and counts it
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad()
+    run.scheduler.step()
+    return sums, None if grad_norm is None else float(grad_norm)
+
+
+def nonfinite_error(run: Run, applied: bool) -> NonFiniteError:
+    found = complete_checkpoints(run.out / "checkpoints") if (run.out / "checkpoints").is_dir() else []
+    last = str(found[-1]) if found else "none (set train.save_every to keep some)"
+    how = "DeepSpeed had already applied it" if applied else "without applying it"
+    return NonFiniteError(f"step {run.position['step']}: the loss or a gradient is NaN or infinite; stopped {how}. "
+                          f"Last good checkpoint: {last}")
+
+
+def loop(run: Run) -> None:
+    """Optimizer steps until total_steps, with logging, evaluation, checkpoints and stop signals."""
+    accelerator, t, position = run.accelerator, run.config.train, run.position
+    batches, window, t0 = micro_batches(run), None, time.perf_counter()
+    progress = tqdm(total=run.total_steps, initial=position["step"], desc="train", disable=not accelerator.is_main_process)
+    reset_peak_memory()  # memory/peak_mb: the peak of the training steps, not of loading
     with StopSignals() as stop:
-        while step < total_steps:
-            skip, batches_done = (state["batches_done"], state["batches_done"]) if epoch == state["epoch"] else (0, 0)
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-            loader.set_epoch(epoch)  # the seeded sampler's order depends on (seed, epoch) only
-            for batch in loader:
-                batches_done += 1
-                with accelerator.accumulate(policy):
-                    loss, sums = training_step(policy, reference, batch, loss_fn)
-                    accelerator.backward(loss)  # accelerate divides by grad_accum_steps
-                    finite = True
-                    if accelerator.sync_gradients:
-                        # None under DeepSpeed, which clips inside its engine (gradient_clipping)
-                        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
-                        finite = all_finite(accelerator, loss, grad_norm)
-                        if not finite and t.on_nonfinite == "stop":
-                            raise NonFiniteError(f"step {step}: the loss or a gradient is NaN or infinite; stopped "
-                                                 f"without applying it. Last good checkpoint: {last_checkpoint(checkpoints)}")
-                        skipped += not finite
-                    if finite:  # else (on_nonfinite: skip) the update is dropped and counted
-                        optimizer.step()
-                    optimizer.zero_grad()
-                window, tokens = add(window, sums), tokens + batch["num_tokens"]
-                if not accelerator.sync_gradients:
-                    continue
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                if step % t.log_every == 0 or step == total_steps - 1:
-                    totals = accelerator.reduce({**window, "tokens": tokens}, reduction="sum")
-                    elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
-                    record = {**means({k: v for k, v in totals.items() if k != "tokens"}),
-                              "grad_norm": None if grad_norm is None else grad_norm.item(), "lr": lr,
-                              "tokens/s": totals["tokens"].item() / elapsed, "skipped_steps": skipped}
-                    metrics_log.write(step, record)
-                    if accelerator.is_main_process:
-                        progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
-                                             margin=f"{record['rewards/margins']:.3f}")
-                    window, tokens = None, 0
-                step += 1
-                progress.update(1)
-                pause = time.perf_counter()  # evaluation and saving don't count toward tokens/s
-                if eval_loader and t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                    metrics_log.write(step, evaluate(policy, reference, eval_loader, prefix="eval/"))
-                stopping = on_any_process(accelerator, stop.received is not None) and step < total_steps
-                if stopping or (t.save_every and step % t.save_every == 0 and step < total_steps):
-                    path = save(step)
-                if stopping:
-                    raise Stopped(stop.received or "a signal to another process", path)
-                t0 += time.perf_counter() - pause
-                if step >= total_steps:
-                    break
-            epoch += 1
+        while position["step"] < run.total_steps:
+            lr = run.scheduler.get_last_lr()[0]
+            sums, grad_norm = optimizer_step(run, batches)
+            window = add(window, sums)
+            if position["step"] % t.log_every == 0 or position["step"] == run.total_steps - 1:
+                elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
+                record = log_record(run, window, elapsed, grad_norm, lr)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                     margin=f"{record['rewards/margins']:.3f}")
+                window = None
+            position["step"] += 1
+            progress.update(1)
+            pause, step = time.perf_counter(), position["step"]  # evaluation and saving don't count toward tokens/s
+            if run.eval_loader and t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
+                run.metrics_log.write(step, preference_metrics(accelerator, run.policy, run.reference, run.eval_loader,
+                                                               run.loss_fn, prefix="eval/"))
+            stopping = on_any_process(accelerator, stop.received is not None) and step < run.total_steps
+            if stopping or (t.save_every and step % t.save_every == 0 and step < run.total_steps):
+                path = save(run)
+            if stopping:
+                raise Stopped(stop.received or "a signal to another process", path)
+            t0 += time.perf_counter() - pause
     progress.close()
 
-    # --- evaluate and save ---
+
+def log_record(run: Run, window: dict, elapsed: float, grad_norm, lr: float) -> dict:
+    """Reduce the window's sums over processes and write one metrics record."""
+    accelerator = run.accelerator
+    totals = accelerator.reduce(window, reduction="sum")
+    peak = accelerator.reduce(torch.tensor(peak_memory_mb(), device=accelerator.device), reduction="max")
+    record = {**means({k: v for k, v in totals.items() if k != "tokens"}), "grad_norm": grad_norm, "lr": lr,
+              "tokens/s": totals["tokens"].item() / elapsed, "skipped_steps": run.position["skipped"],
+              "memory/peak_mb": round(peak.item())}
+    run.metrics_log.write(run.position["step"], record)
+    return record
+
+
+def save(run: Run) -> Path:
+    """A checkpoint of the run as it stands after run.position['step'] updates."""
+    state = {**run.position, "num_processes": run.accelerator.num_processes,
+             "metrics_bytes": run.metrics_log.size() if run.accelerator.is_main_process else 0}
+    path = save_checkpoint(run.accelerator, run.out / "checkpoints", run.position["step"], state,
+                           yaml.safe_dump(run.config.to_dict(), sort_keys=False), run.config.train.keep_last)
+    run.log(f"Saved checkpoint {path}")
+    return path
+
+
+def finish(run: Run) -> dict:
+    """Final held-out evaluation, then the trained policy in Hugging Face format."""
+    accelerator, m = run.accelerator, run.config.model
     results = {}
-    if eval_loader:
-        results = final_evaluation(accelerator, policy, reference, eval_loader, evaluate, tokenizer,
-                                   eval_set, eval_rows, t.eval_max_new_tokens)
-        metrics_log.write(step, {f"eval/{k}": v for k, v in results["policy"].items() if k != "examples"})
+    if run.eval_loader:
+        results = final_evaluation(accelerator, run.policy, run.reference, run.eval_loader, run.loss_fn,
+                                   run.tokenizer, run.eval_set, run.eval_rows, run.config.train.eval_max_new_tokens,
+                                   synced=engines.shards_weights(accelerator))
+        run.metrics_log.write(run.position["step"], {f"eval/{k}": v for k, v in results["policy"].items()
+                                                     if k != "examples"})
         if accelerator.is_main_process:
-            (out / "eval_results.json").write_text(json.dumps(results, indent=2))
-    stats = {"train": train_stats} if eval_stats is None else {"train": train_stats, "eval": eval_stats}
-    save_final(accelerator, policy, tokenizer, out / "final", model_card(config.to_dict(), step, stats, results),
-               merged=m.lora.save_merged)
-    log(f"Saved the trained policy and tokenizer to {out / 'final'}")
+            (run.out / "eval_results.json").write_text(json.dumps(results, indent=2))
+    card = model_card(run.config.to_dict(), run.position["step"], run.data_stats, results)
+    save_final(accelerator, run.policy, run.tokenizer, run.out / "final", card, merged=m.lora.save_merged)
+    run.log(f"Saved the trained policy and tokenizer to {run.out / 'final'}")
     accelerator.end_training()
     return results
 
 
-def final_evaluation(accelerator, policy, reference, eval_loader, evaluate, tokenizer, eval_set, eval_rows,
-                     max_new_tokens) -> dict:
-    """Held-out metrics for the trained policy and, when there is one, the reference; plus greedy
-    exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table."""
-    models = {"policy": policy} if reference is None else {"reference": reference, "policy": policy}
-    results = {name: evaluate(model, reference, eval_loader) for name, model in models.items()}
-    if "answer" in eval_rows.column_names and max_new_tokens and accelerator.is_main_process:
-        for name, model in models.items():
-            outputs = generate(accelerator.unwrap_model(model), tokenizer, eval_set["prompt_ids"], max_new_tokens)
-            results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
-            results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
-                                         zip(eval_rows["prompt"][:5], eval_rows["answer"][:5], outputs[:5])]
-    accelerator.print("\n".join([f"Held-out evaluation on {len(eval_set)} pairs", *metrics_table(results)]))
-    return results
+def flat(tree: dict) -> dict:
+    """{'train': {'seed': 1}} -> {'train.seed': 1}, with None as a string: what trackers accept."""
+    return {f"{section}.{k}": ("null" if v is None else v) for section, values in tree.items() for k, v in values.items()}

@@ -11,6 +11,7 @@ import torch
 
 from dpo_train.checkpoint import complete_checkpoints
 from dpo_train.trainer import train
+from test_checkpoint import without_timing
 from test_trainer import final_weights, read_metrics, tiny_config
 
 RUN = ["train.max_steps=5", "train.eval_every=2", "train.eval_max_new_tokens=0", "train.learning_rate=1e-4"]
@@ -71,8 +72,7 @@ def test_resume_with_two_processes_is_exact(tmp_path, tiny_model_dir, tiny_data)
     torchrun(tmp_path / "tiny.yaml", *run, f"train.output_dir={cut}", "--resume", "auto")
     full, resumed = final_weights(tmp_path / "full"), final_weights(cut)
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    strip = lambda records: [{k: v for k, v in r.items() if k != "tokens/s"} for r in records]
-    assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(cut))
+    assert without_timing(read_metrics(tmp_path / "full")) == without_timing(read_metrics(cut))
 
 
 def test_shipped_accelerate_configs_parse():

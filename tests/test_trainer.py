@@ -10,7 +10,7 @@ from dpo_train.config import load_config
 from dpo_train.trainer import lr_lambda, train
 
 KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-        "logps/rejected", "grad_norm", "lr", "tokens/s"}
+        "logps/rejected", "grad_norm", "lr", "tokens/s", "skipped_steps", "memory/peak_mb"}
 
 
 def tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides):

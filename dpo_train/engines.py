@@ -1,0 +1,159 @@
+"""Engines: the Accelerator of a run, the CPU rehearsal of sharded engines, and where the frozen
+reference lives under each engine.
+
+`accelerate launch` names the engine in its environment (ACCELERATE_USE_DEEPSPEED, ACCELERATE_USE_FSDP);
+without either, several processes run DDP. On a machine without an accelerator the same engines run
+on CPU processes over gloo: a rehearsal of the GPU run (config, engine, data, checkpoints, resume,
+export) before paying for GPU hours.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
+
+ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "ddp": "DDP"}
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot run this config, explained in one line before any model loads."""
+
+
+def requested_engine() -> str | None:
+    """The engine `accelerate launch` asked for: deepspeed, fsdp, ddp (several processes), or None."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+
+
+def on_cpu() -> bool:
+    return not torch.accelerator.is_available()
+
+
+def allow_fsdp_on_cpu(timeout: timedelta) -> None:
+    """Accelerate selects FSDP only when the process group sits on GPU-like devices, although FSDP2
+    (`fully_shard`) runs on CPU tensors over gloo. Initialise the CPU process group first and show
+    Accelerate a GPU-like distributed type while it selects the engine; the device stays the CPU.
+    CPU rehearsal only; it can go once Accelerate selects FSDP for MULTI_CPU."""
+    state = PartialState(backend="gloo", timeout=timeout)
+    if state.distributed_type == DistributedType.NO and state.num_processes > 1:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: int) -> Accelerator:
+    """The run's Accelerator, on the engine `accelerate launch` asked for. Raises EngineError when a
+    different engine would run."""
+    engine, cpu = requested_engine(), on_cpu()
+    timeout = timedelta(seconds=timeout_s)  # a process left waiting for a failed one gives up after this
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1  # by torchrun or accelerate launch, even for one process
+    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout) if cpu and launched
+                else InitProcessGroupKwargs(timeout=timeout)]
+    if cpu and engine == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    if cpu and engine == "fsdp":
+        allow_fsdp_on_cpu(timeout)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum_steps,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              # DeepSpeed and FSDP keep their own process group; DDP on CPU needs Accelerate's
+                              cpu=cpu and engine not in ("deepspeed", "fsdp"),
+                              kwargs_handlers=handlers, log_with=log_with, project_dir=project_dir)
+    running = running_engine(accelerator)
+    if engine != running and accelerator.num_processes > 1 or engine in ("deepspeed", "fsdp") and running != engine:
+        raise EngineError(f"the launch asked for {ENGINE_NAMES[engine]} but Accelerate set up "
+                          f"{ENGINE_NAMES.get(running, 'a single process')}; check the accelerate config and the installed packages")
+    if cpu and engine:
+        accelerator.print(f"CPU rehearsal: {describe(accelerator)} on {accelerator.num_processes} CPU processes (gloo), "
+            f"{accelerator.mixed_precision if accelerator.mixed_precision != 'no' else 'fp32'}: the same config, "
+            "data, checkpoints, resume and export as on GPUs")
+    return accelerator
+
+
+def check_config(config) -> None:
+    """Stop, before any model loads, on what the launched engine cannot run (one line naming the setting)."""
+    engine = requested_engine()
+    if engine == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise EngineError("the launch asks for DeepSpeed, which is not installed: pip install deepspeed")
+        if config.train.on_nonfinite == "skip":
+            raise EngineError("train.on_nonfinite: skip cannot run under DeepSpeed, whose engine applies the update "
+                              "inside backward; use stop")
+    if engine == "fsdp" and os.environ.get("FSDP_VERSION", "2") != "2":
+        raise EngineError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config")
+    if engine in ("deepspeed", "fsdp") and config.train.compile:
+        raise EngineError(f"train.compile has not run under {ENGINE_NAMES[engine]}; set it to false")
+
+
+def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float) -> None:
+    """Settings of the DeepSpeed config that the run owns: the micro-batch (the loaders are prepared on
+    their own), clipping at train.max_grad_norm (DeepSpeed clips inside its engine), and whole weights
+    gathered at save under ZeRO-3, so that final/ is a complete model and never a shard."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    ds_config["gradient_clipping"] = max_grad_norm
+    ds_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def steps_inside_backward(accelerator) -> bool:
+    """DeepSpeed clips and applies the update inside `accelerator.backward` at the accumulation's end."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def running_engine(accelerator) -> str | None:
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else None
+
+
+def describe(accelerator) -> str:
+    """The engine in words: 'DeepSpeed ZeRO-3', 'FSDP2', 'DDP', 'one process'."""
+    engine = running_engine(accelerator)
+    if engine == "deepspeed":
+        plugin = accelerator.state.deepspeed_plugin
+        offload = plugin.offload_param_device not in (None, "none") or plugin.offload_optimizer_device not in (None, "none")
+        return f"DeepSpeed ZeRO-{plugin.zero_stage}" + (" with CPU offload" if offload else "")
+    if engine == "fsdp":
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return "DDP" if engine else "one process"
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP, ZeRO-3)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def place_reference(accelerator, reference: torch.nn.Module) -> torch.nn.Module:
+    """Put the frozen reference where each engine wants it: sharded for inference only (no
+    optimizer, no gradients) under DeepSpeed ZeRO-3 and FSDP; otherwise a plain replica on this
+    process's device, never wrapped for gradients (DDP would all-reduce nothing but cost memory)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            ds_config.pop(key, None)
+        engine, *_ = deepspeed.initialize(model=reference, config=ds_config)
+        return engine.eval()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import fully_shard
+
+        layer_classes = set(getattr(reference, "_no_split_modules", None) or [])
+        for layer in [m for m in reference.modules() if type(m).__name__ in layer_classes]:
+            fully_shard(layer.to(accelerator.device))  # block by block: one block is whole at a time
+        fully_shard(reference.to(accelerator.device))
+        return reference
+    return reference.to(accelerator.device)
