@@ -29,10 +29,17 @@ HARMLESS = {"position_ids", "use_cache", "output_attentions", "cache_position"}
 UNSUPPORTED = ("attn_logit_softcapping",)
 
 
-class Spans(list):
-    """[(start, prompt, chosen, rejected) lengths] per pair; `used` tells that the attention read them
-    (a model that does not route attention through transformers' interface never would)."""
-    used = False
+class Spans:
+    """The pairs of a packed row, [(start, prompt, chosen, rejected) lengths], for every layer's attention;
+    `used` tells that the attention read them (a model that bypasses transformers' interface never
+    would). A plain object, not a list: wrappers that rebuild the containers among the forward's
+    arguments (FSDP2's mixed-precision cast does) pass it through as it is, flag included."""
+
+    def __init__(self, pairs):
+        self.pairs, self.used = list(pairs), False
+
+    def __iter__(self):
+        return iter(self.pairs)
 
 
 def unsupported(config) -> str | None:

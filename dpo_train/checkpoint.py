@@ -19,6 +19,9 @@ import warnings
 from pathlib import Path
 
 import yaml
+from accelerate.utils import gather_object
+
+from .engines import loading_whole_models, on_any_process
 
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
@@ -30,6 +33,7 @@ SAFE_TO_CHANGE = {"train.output_dir", "train.eval_every", "train.save_every", "t
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or resumed from, explained in one line."""
+    same_on_every_process = True  # resume checks read the same files; a failed save is shared by all
 
 
 class Stopped(Exception):
@@ -77,21 +81,20 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(accelerator, root: Path, step: int, state: dict, config_yaml: str, keep_last: int) -> Path:
     """Write `root/step-{step}` atomically on the main process, with every process taking part
-    in `save_state`. Keeps the newest `keep_last` checkpoints. Returns the checkpoint's path."""
+    in `save_state`. Keeps the newest `keep_last` checkpoints. Returns the checkpoint's path. A
+    failure on any process stops every process with the same CheckpointError, none left waiting."""
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
-    failed = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a save that was killed
     accelerator.wait_for_everyone()
+    error = None
     try:
         accelerator.save_state(tmp)
     except OSError as e:
-        failed = e
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        error = e
+    written_everywhere = not on_any_process(accelerator, error is not None)
+    if accelerator.is_main_process and written_everywhere:
         try:
-            if failed:
-                raise failed
             (tmp / STATE).write_text(json.dumps(state, indent=2))
             (tmp / "config.yaml").write_text(config_yaml)
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -105,8 +108,13 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, config_yaml
             tmp.rename(final)
             _fsync(root)
         except OSError as e:
+            error = e
+    causes = [cause for cause in gather_object([error and str(error)]) if cause]  # every process learns of a failure
+    if causes:  # and stops, none left waiting for another
+        if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"cannot save checkpoint {final}: {e}; the previous checkpoint is untouched") from None
+        raise CheckpointError(f"cannot save checkpoint {final}: {causes[0]}; the previous checkpoint is untouched")
+    if accelerator.is_main_process:
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -199,7 +207,8 @@ def save_final(accelerator, policy, tokenizer, directory: Path, card: str, merge
         if merged:  # from the saved adapter and its base: sharded weights cannot be merged in place
             from peft import AutoPeftModelForCausalLM
 
-            AutoPeftModelForCausalLM.from_pretrained(directory, dtype=next(iter(state_dict.values())).dtype
-                                                     ).merge_and_unload().save_pretrained(directory / "merged")
+            with loading_whole_models():
+                adapted = AutoPeftModelForCausalLM.from_pretrained(directory, dtype=next(iter(state_dict.values())).dtype)
+            adapted.merge_and_unload().save_pretrained(directory / "merged")
             tokenizer.save_pretrained(directory / "merged")
     accelerator.wait_for_everyone()

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -50,14 +52,29 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .engines import EngineError
     from .models import ModelError
     from .trainer import NonFiniteError
-    return ConfigError, DataError, ModelError, CheckpointError, NonFiniteError
+    return ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, EngineError
+
+
+RANK = int(os.environ.get("RANK", 0))  # set by torchrun and accelerate launch
 
 
 def fail(error: Exception) -> None:
-    typer.echo(f"error: {error}", err=True)
+    """One line on stderr and exit code 2. Under a launcher, an error every process raises alike is
+    printed once, by the main process; one raised by a single process names its rank, on a line of
+    its own (the main process's progress bar may hold the current one)."""
+    if RANK == 0 or not getattr(error, "same_on_every_process", False):
+        typer.echo(f"\n[rank {RANK}] error: {error}" if RANK else f"error: {error}", err=True)
     raise typer.Exit(2)
+
+
+def from_a_collective(error: BaseException) -> bool:
+    """Whether `error` was raised inside a torch.distributed collective: under a launcher, the sign that
+    another process failed (its error is reported by that process) and this one lost contact with it."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"torch{os.sep}distributed{os.sep}" in frames[-1].filename
 
 
 @app.command(epilog=EXIT_CODES + "\n\n" + CONFIG_KEYS)
@@ -92,6 +109,12 @@ def train(
     except KeyboardInterrupt:
         typer.echo("aborted by a second Ctrl-C; nothing saved since the last checkpoint", err=True)
         raise typer.Exit(130)
+    except RuntimeError as e:
+        if not (os.environ.get("WORLD_SIZE", "1") != "1" and from_a_collective(e)):
+            raise
+        typer.echo(f"\n[rank {RANK}] stopped: another process failed, so a collective did not complete "
+                   f"({str(e).splitlines()[0][:160]})", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("check-data", epilog=CONFIG_KEYS)

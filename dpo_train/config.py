@@ -30,6 +30,7 @@ Tracker = Literal["none", "tensorboard"]
 
 class ConfigError(ValueError):
     """A config problem, reported to the user as one line."""
+    same_on_every_process = True  # every process reads the same file: printed once
 
 
 @dataclass

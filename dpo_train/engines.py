@@ -9,6 +9,7 @@ export) before paying for GPU hours.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -18,11 +19,12 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 
-ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "ddp": "DDP"}
+ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "ddp": "DDP", None: "one process"}
 
 
 class EngineError(RuntimeError):
     """An engine that cannot run this config, explained in one line before any model loads."""
+    same_on_every_process = True  # printed once, by the main process
 
 
 def requested_engine() -> str | None:
@@ -65,15 +67,21 @@ def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: i
                               # DeepSpeed and FSDP keep their own process group; DDP on CPU needs Accelerate's
                               cpu=cpu and engine not in ("deepspeed", "fsdp"),
                               kwargs_handlers=handlers, log_with=log_with, project_dir=project_dir)
-    running = running_engine(accelerator)
-    if engine != running and accelerator.num_processes > 1 or engine in ("deepspeed", "fsdp") and running != engine:
+    if (running := running_engine(accelerator)) != engine:
         raise EngineError(f"the launch asked for {ENGINE_NAMES[engine]} but Accelerate set up "
-                          f"{ENGINE_NAMES.get(running, 'a single process')}; check the accelerate config and the installed packages")
+                          f"{ENGINE_NAMES[running]}; check the accelerate config and the installed packages")
     if cpu and engine:
+        precision = "fp32" if accelerator.mixed_precision == "no" else f"{accelerator.mixed_precision} mixed precision"
         accelerator.print(f"CPU rehearsal: {describe(accelerator)} on {accelerator.num_processes} CPU processes (gloo), "
-            f"{accelerator.mixed_precision if accelerator.mixed_precision != 'no' else 'fp32'}: the same config, "
-            "data, checkpoints, resume and export as on GPUs")
+                          f"{precision}: the same config, data, checkpoints, resume and export as on GPUs")
     return accelerator
+
+
+def on_any_process(accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is true on at least one (one all-reduce when distributed)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
 
 
 def check_config(config) -> None:
@@ -101,6 +109,62 @@ def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float
     ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
     ds_config["gradient_clipping"] = max_grad_norm
     ds_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def stepping_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer that applies the updates inside the engines' wrappers: ours, or the one DeepSpeed
+    put in its place (its CPU Adam when the optimizer is offloaded). The LR schedule sits on this one."""
+    inner = getattr(optimizer, "optimizer", None)
+    while inner is not None:
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
+        inner = getattr(inner, "optimizer", None)
+    return optimizer
+
+
+def held_here(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters this process holds, parameters of the whole model): a shard's elements under FSDP2
+    (DTensor) and ZeRO-3, every element otherwise."""
+    held = total = 0
+    for parameter in model.parameters():
+        if type(parameter).__name__ == "DTensor":
+            held, total = held + parameter.to_local().numel(), total + parameter.numel()
+        elif hasattr(parameter, "ds_id"):
+            held, total = held + parameter.ds_tensor.numel(), total + parameter.ds_numel
+        else:
+            held, total = held + parameter.numel(), total + parameter.numel()
+    return held, total
+
+
+def whole_tensors(model: torch.nn.Module):
+    """(name, whole tensor) of the model's parameters and buffers in name order, gathered from the
+    shards under FSDP2 (DTensor) and ZeRO-3. A collective when sharded: every process must iterate."""
+    from .logps import unwrapped
+
+    for name, tensor in sorted(unwrapped(model).state_dict(keep_vars=True).items()):
+        if type(tensor).__name__ == "DTensor":
+            tensor = tensor.full_tensor()
+        elif hasattr(tensor, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tensor]):
+                tensor = tensor.data.clone()
+        yield name, tensor.detach()
+
+
+@contextlib.contextmanager
+def loading_whole_models():
+    """Models loaded inside are whole on this process, also under ZeRO-3, whose partitioned loading is
+    collective and would wait for the other processes (the merged LoRA export runs on the main one).
+    transformers keeps the switch in a module global; the reach into it is here only."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def steps_inside_backward(accelerator) -> bool:
@@ -147,7 +211,8 @@ def place_reference(accelerator, reference: torch.nn.Module) -> torch.nn.Module:
         for key in ("optimizer", "scheduler"):
             ds_config.pop(key, None)
         engine, *_ = deepspeed.initialize(model=reference, config=ds_config)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+        return engine
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import fully_shard
 

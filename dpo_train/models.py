@@ -27,6 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelError(RuntimeError):
     """A model that cannot be found or loaded, explained in one line."""
+    same_on_every_process = True  # every process loads the same model: printed once
 
 
 def cache_dir() -> Path:

@@ -15,15 +15,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import REFERENCE_COLUMNS
+from .engines import whole_tensors
 from .logps import concatenated_forward
 
 
-
 def weights_digest(reference: torch.nn.Module) -> str:
+    """Hash of the whole reference weights: the same on every process, also when each holds a shard."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(reference.state_dict().items()):
+    for name, tensor in whole_tensors(reference):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -52,21 +52,15 @@ def training_step(policy, reference, batch, loss_fn):
     return losses.mean(), sums
 
 
-def on_any_process(accelerator, flag: bool) -> bool:
-    """True on every process when `flag` is true on at least one (one all-reduce when distributed)."""
-    if accelerator.num_processes == 1:
-        return flag
-    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
-
-
 class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient, with the step and the last good checkpoint."""
+    same_on_every_process = True  # every process checks the same all-reduced flag
 
 
 def all_finite(accelerator, *values) -> bool:
     """Whether every value (tensors, floats or None) is finite on every process: the same answer everywhere."""
     finite = all(v is None or bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
-    return not on_any_process(accelerator, not finite)
+    return not engines.on_any_process(accelerator, not finite)
 
 
 @dataclass
@@ -146,9 +140,9 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
         policy.compile(dynamic=True)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA, only the adapter
     log(f"training {num_parameters(trainable):,} of {num_parameters(policy.parameters()):,} parameters")
-    adamw = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
     engines.configure_deepspeed(accelerator, t.per_device_batch_size, t.max_grad_norm)
-    policy, optimizer = accelerator.prepare(policy, adamw)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     scorers = [accelerator.unwrap_model(policy)] + ([reference] if reference is not None else [])
     layout, reason = attention.usable_layout(t.layout, [model.config for model in scorers])
     if reason:
@@ -158,6 +152,8 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     collate_fn = partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)
     if reference is not None and not isinstance(reference, AdapterDisabled):  # that one lives inside the policy
         reference = engines.place_reference(accelerator, reference)
+        held, total = engines.held_here(reference)
+        log(f"the frozen reference: this process holds {held:,} of its {total:,} parameters")
     if m.precompute_reference and reference is not None:
         train_set, eval_set = precomputed.attach(accelerator, reference, [train_set, eval_set], collate_fn,
                                                  t.per_device_batch_size, cache_dir(), log)
@@ -167,10 +163,10 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
                                                            collate_fn=collate_fn)
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     total_steps = t.max_steps or t.epochs * math.ceil(len(train_loader) / t.grad_accum_steps)
-    # On the torch optimizer itself (engines wrap it), stepped by hand once per optimizer update, so the
-    # schedule counts updates on any number of processes.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        adamw, partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
+    # On the torch optimizer inside the engine's wrappers, stepped by hand once per optimizer update, so
+    # the schedule counts updates on any number of processes.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(engines.stepping_optimizer(optimizer),
+                                                  partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
     accelerator.register_for_checkpointing(scheduler)
     if t.report_to != "none":
         accelerator.init_trackers("dpo-train", config=flat(config.to_dict()))
@@ -241,9 +237,9 @@ def loop(run: Run) -> None:
     """Optimizer steps until total_steps, with logging, evaluation, checkpoints and stop signals."""
     accelerator, t, position = run.accelerator, run.config.train, run.position
     batches, window, t0 = micro_batches(run), None, time.perf_counter()
-    progress = tqdm(total=run.total_steps, initial=position["step"], desc="train", disable=not accelerator.is_main_process)
     reset_peak_memory()  # memory/peak_mb: the peak of the training steps, not of loading
-    with StopSignals() as stop:
+    with StopSignals() as stop, tqdm(total=run.total_steps, initial=position["step"], desc="train",
+                                     disable=not accelerator.is_main_process) as progress:  # closed on errors too
         while position["step"] < run.total_steps:
             lr = run.scheduler.get_last_lr()[0]
             sums, grad_norm = optimizer_step(run, batches)
@@ -260,13 +256,12 @@ def loop(run: Run) -> None:
             if run.eval_loader and t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
                 run.metrics_log.write(step, preference_metrics(accelerator, run.policy, run.reference, run.eval_loader,
                                                                run.loss_fn, prefix="eval/"))
-            stopping = on_any_process(accelerator, stop.received is not None) and step < run.total_steps
+            stopping = engines.on_any_process(accelerator, stop.received is not None) and step < run.total_steps
             if stopping or (t.save_every and step % t.save_every == 0 and step < run.total_steps):
                 path = save(run)
             if stopping:
                 raise Stopped(stop.received or "a signal to another process", path)
             t0 += time.perf_counter() - pause
-    progress.close()
 
 
 def log_record(run: Run, window: dict, elapsed: float, grad_norm, lr: float) -> dict:

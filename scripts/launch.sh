@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# Launch dpo-train on several processes.
+# Launch dpo-train on several processes with one of the shipped Accelerate configs.
 #   scripts/launch.sh ENGINE CONFIG.yaml [section.key=value ...] [--resume auto]
-# ENGINE: ddp | fsdp | zero2 | zero3 | zero3_offload (accelerate launch with configs/accelerate/ENGINE.yaml),
-#         or cpu (torchrun with gloo: accelerate launch runs CPU jobs on several processes only through MPI).
-# NUM_PROCESSES=4 scripts/launch.sh ddp ...  sets the process count (cpu: default 2).
+# ENGINE: ddp | fsdp | zero2 | zero3 | zero3_offload (configs/accelerate/ENGINE.yaml).
+# NUM_PROCESSES=4 sets the process count (default: the Accelerate config's on GPUs, 2 on a CPU machine);
+# MAIN_PROCESS_PORT the rendezvous port (default 29500), for several runs on one machine.
+# On a machine without GPUs the same engine runs on CPU processes over gloo, in fp32: a rehearsal of the
+# GPU run (engine, config, data, checkpoints, resume, export) before paying for GPU hours.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,6p' "$0"
+  sed -n '2,7p' "$0"
   exit 2
 fi
 engine=$1 config=$2
 shift 2
-if [ "$engine" = cpu ]; then
-  exec env OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" torchrun --nproc_per_node "${NUM_PROCESSES:-2}" \
-    -m dpo_train --config "$config" "$@"
-fi
 accel="$(dirname "$0")/../configs/accelerate/$engine.yaml"
-[ -f "$accel" ] || { echo "error: no Accelerate config $accel" >&2; exit 2; }
+[ -f "$accel" ] || { echo "error: no engine '$engine': no Accelerate config $accel" >&2; exit 2; }
+if python -c "import sys, torch; sys.exit(torch.accelerator.is_available())"; then
+  # CPU rehearsal: DeepSpeed on its CPU accelerator, no mixed precision (bf16 autocast on CPU is slow)
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  exec accelerate launch --config_file "$accel" --num_processes "${NUM_PROCESSES:-2}" --mixed_precision no \
+    ${MAIN_PROCESS_PORT:+--main_process_port "$MAIN_PROCESS_PORT"} -m dpo_train --config "$config" "$@"
+fi
 exec accelerate launch --config_file "$accel" ${NUM_PROCESSES:+--num_processes "$NUM_PROCESSES"} \
-  -m dpo_train --config "$config" "$@"
+  ${MAIN_PROCESS_PORT:+--main_process_port "$MAIN_PROCESS_PORT"} -m dpo_train --config "$config" "$@"

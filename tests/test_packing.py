@@ -390,3 +390,14 @@ def test_every_layout_runs_under_bf16_autocast_with_the_padded_numbers(layout):
     assert torch.allclose(fp32[0], shared[0], rtol=2e-2, atol=0.5)  # and near the fp32 numbers
     for name, grad in padded[3].items():
         assert (shared[3][name] - grad).norm() <= 5e-2 * grad.norm(), name
+
+
+def test_the_spans_reach_the_attention_as_the_same_object_through_fsdp2s_argument_cast():
+    """FSDP2 with mixed precision casts the forward's floating-point arguments, rebuilding every list and
+    tuple among them; the spans must come through as the object whose `used` flag packed_logps reads."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    spans = attention.Spans([(0, 3, 2, 2)])
+    kwargs = _apply_to_tensors(lambda t: t.to(torch.bfloat16), {attention.SPANS_KWARG: spans, "x": torch.ones(2)})
+    assert kwargs[attention.SPANS_KWARG] is spans and kwargs["x"].dtype == torch.bfloat16
+    assert list(spans) == [(0, 3, 2, 2)]
