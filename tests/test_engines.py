@@ -56,11 +56,11 @@ def run_command(cmd: list[str], env: dict, timeout: float) -> subprocess.Complet
 
 
 def launch(engine: str, config: Path, *overrides: str, fault: str = "", cache: Path, timeout: float = 600,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, mixed_precision: str = "no") -> subprocess.CompletedProcess:
     """`NUM_PROCESSES=2 scripts/launch.sh ENGINE CONFIG overrides...`, with DPO_TRAIN_FAULT injected by
     tests/faults/sitecustomize.py."""
     env = {**os.environ, "NUM_PROCESSES": "2", "MAIN_PROCESS_PORT": str(free_port()), "DPO_TRAIN_CACHE": str(cache),
-           "DPO_TRAIN_FAULT": fault,
+           "DPO_TRAIN_FAULT": fault, "MIXED_PRECISION": mixed_precision,
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = run_command(["bash", str(ROOT / "scripts" / "launch.sh"), engine, str(config), *overrides], env, timeout)
     if check:
@@ -246,3 +246,18 @@ def test_what_an_engine_cannot_run_stops_before_anything_loads(tmp_path, tiny_mo
     with pytest.raises(EngineError, match=re.escape(message)):
         train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides))
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+@pytest.mark.slow  # launches processes that import torch, transformers and DeepSpeed
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_bf16_mixed_precision_under_the_sharded_engines(runs, engine):
+    """Every shipped Accelerate config sets bf16: under FSDP2 (which casts the forward's arguments) and
+    ZeRO-3 it trains with the fp32 run's losses to bf16 precision (one step at ln 2: 2^-9)."""
+    out = runs.root / f"{engine}-bf16"
+    result = launch(engine, runs.config, *RUN, "train.grad_accum_steps=1", f"train.output_dir={out}",
+                    cache=runs.root / f"cache-{engine}-bf16", mixed_precision="bf16")
+    assert "on 2 CPU processes (gloo), bf16 mixed precision" in result.stdout
+    fp32 = [r for r in read_metrics(runs.baseline("live")) if "loss" in r]
+    bf16 = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in bf16] == list(range(5))
+    assert all(abs(a["loss"] - b["loss"]) < 2**-9 for a, b in zip(fp32, bf16)), [(a["loss"], b["loss"]) for a, b in zip(fp32, bf16)]
