@@ -164,3 +164,30 @@ def test_flex_under_bf16_autocast_agrees_with_the_loop(monkeypatch):
     assert flex_calls == 2
     # the same bf16 arithmetic in another order: sums of ~100 nats agree to a few bf16 steps (2^-8 relative)
     assert all(torch.allclose(a, b, rtol=2e-2, atol=0.1) for a, b in zip(loop, fused))
+
+
+@pytest.mark.slow
+def test_a_compiled_model_reads_the_prebuilt_masks_in_one_graph_across_batches(monkeypatch):
+    """What train.compile does on CUDA, traced by dynamo with the aot_eager backend: inductor's CPU
+    FlexAttention template does not build with dynamic shapes in torch 2.13 (a C++ compile error),
+    and CPU has no backward. One graph serves four batches of new lengths and spans: no graph break,
+    no recompilation, the loop's numbers."""
+    import random
+
+    from torch._dynamo.utils import counters
+    tokenizer = make_tokenizer()
+    model = make_model(len(tokenizer))
+    batches = []
+    for seed in range(4):
+        rng = random.Random(seed)
+        rows = [{"prompt": "p" * rng.randint(3, 40), "chosen": "c" * rng.randint(2, 30),
+                 "rejected": "r" * rng.randint(2, 30)} for _ in range(3)]
+        batches.append(collate_packed([tokenize_pair(r, tokenizer, 256, 128) for r in rows], tokenizer.pad_token_id))
+    assert len({b["input_ids"].shape[1] for b in batches}) == 4
+    loops = [packed_forward(model, batch, monkeypatch, "loop")[0] for batch in batches]
+    model.compile(dynamic=True, backend="aot_eager")
+    counters.clear()
+    for batch, loop in zip(batches, loops):
+        fused, _ = packed_forward(model, batch, monkeypatch, "flex")
+        assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-5) for a, b in zip(loop, fused))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
