@@ -204,9 +204,11 @@ def print_table(rows: list[dict]) -> None:
           f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}" + (f"{'MFU':>8s}" if peak else "")
           + (f"{'GFLOP/tok':>11s}{'GFLOP/s':>10s}{'of GEMM':>9s}" if flops else ""))
     for row in rows:
-        trl = next(r for r in rows if r["shape"] == row["shape"] and r["trainer"] == "trl")
+        trl = next((r for r in rows if r["shape"] == row["shape"] and r["trainer"] == "trl"), None)
+        ratios = (f"{row['tokens/s'] / trl['tokens/s']:14.2f}{row['peak_mb'] / trl['peak_mb']:12.2f}" if trl
+                  else f"{'-':>14s}{'-':>12s}")
         print(f"{row['shape']:18s}{row['trainer']:22s}{row['batch']:6d}{row['tokens/s']:10.1f}{row['pairs/s']:9.3f}"
-              f"{row['peak_mb']:9.0f}{row['tokens/s'] / trl['tokens/s']:14.2f}{row['peak_mb'] / trl['peak_mb']:12.2f}"
+              f"{row['peak_mb']:9.0f}{ratios}"
               + (f"{row['mfu']:8.1%}" if peak else "")
               + (f"{row['flops_per_token'] / 1e9:11.3f}{row['flops/s'] / 1e9:10.1f}{row['of_gemm']:9.1%}" if flops else ""))
 
@@ -234,6 +236,7 @@ def main() -> None:
                         help="both trainers recompute activations in the backward pass (off for both by default)")
     parser.add_argument("--no-flops", action="store_true", help="skip counting FLOPs and measuring the GEMM rate "
                         "(one more run per trainer and shape)")
+    parser.add_argument("--no-trl", action="store_true", help="our runs only (no ratios)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -245,7 +248,8 @@ def main() -> None:
     layouts = args.layouts.split(",")
     suffix = "-compiled" if args.compile else ""
     trainers = [f"ours-{layout}{suffix}" for layout in layouts] + [f"ours-{layout}-lora{args.lora}{suffix}"
-                                                                    for layout in layouts if args.lora] + ["trl"]
+                                                                    for layout in layouts if args.lora] + (
+                                                                    [] if args.no_trl else ["trl"])
     peak = args.peak_tflops or device_peak_tflops(args.dtype)
     parameters = model_parameters(args.model) if peak else 0
     gemm = None if args.no_flops else run_worker(args, "gemm")
