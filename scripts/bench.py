@@ -128,7 +128,8 @@ def worker(args) -> None:
 
     from dpo_train.models import DTYPES
     if args.worker == "gemm":
-        result = {"flops_per_second": matmul_rate(DTYPES[args.dtype]), "threads": torch.get_num_threads()}
+        result = {"flops_per_second": matmul_rate(DTYPES[args.dtype], args.gemm_size), "threads": torch.get_num_threads(),
+                  "size": args.gemm_size}
         return print("BENCH " + json.dumps(result), flush=True)
     data = Path(args.data)
     if args.worker == "trl":
@@ -151,7 +152,7 @@ def run_worker(args, name: str, data: Path | None = None, batch: int = 0, count:
     FLOPs are counted on uncompiled steps: compiling changes the kernels, not the arithmetic."""
     cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--model", args.model,
            "--dtype", args.dtype, "--batch", str(batch), "--steps", str(args.steps),
-           "--max-length", str(args.max_length)] + (["--compile"] if args.compile and not count else []) + (
+           "--max-length", str(args.max_length), "--gemm-size", str(args.gemm_size)] + (["--compile"] if args.compile and not count else []) + (
            ["--gradient-checkpointing"] if args.gradient_checkpointing else []) + (["--count-flops"] if count else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
@@ -237,6 +238,7 @@ def main() -> None:
     parser.add_argument("--no-flops", action="store_true", help="skip counting FLOPs and measuring the GEMM rate "
                         "(one more run per trainer and shape)")
     parser.add_argument("--no-trl", action="store_true", help="our runs only (no ratios)")
+    parser.add_argument("--gemm-size", type=int, default=4096, help="n of the n x n x n product measuring the GEMM rate")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

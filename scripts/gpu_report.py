@@ -102,15 +102,16 @@ def checks(results: dict) -> list[str]:
 
 
 def render(results: dict, dtype: str, budget: float, dry: bool = False) -> str:
+    """The whole report, from gpu_check.py's results by phase."""
     setup = results.get("setup", {})
     gemm = setup.get("gemm") or {}
     rows = bench_rows(results)
     lines = ["# GPU check" + (" (dry run on CPU, tiny sizes: the numbers mean nothing)" if dry else ""), "",
              f"Device: {setup.get('device', '?')}; {setup.get('versions', {})}; {dtype}.",
-             f"Measured GEMM rate: {gemm['flops_per_second'] / 1e12:.1f} TFLOP/s ({dtype})." if gemm else
-             "Measured GEMM rate: not measured.", "",
+             f"Measured GEMM rate: {gemm['flops_per_second'] / 1e12:.1f} TFLOP/s ({dtype}, {gemm.get('size')}³)."
+             if gemm else "Measured GEMM rate: not measured.", "",
              "tokens/s counts each pair's prompt + chosen + rejected tokens once; peak memory is max allocated "
-             "CUDA memory; MFU is 8 × parameters × tokens/s over the datasheet peak. TRL ran uncompiled; "
+             "CUDA memory (process RSS on a CPU); MFU is 8 × parameters × tokens/s over the datasheet peak. TRL ran uncompiled; "
              "its row is the denominator of every ratio for its model and shape.", "",
              "## Bench", "", *bench_table(rows), "", "## Targets", "", *targets(rows), "",
              "## Engines and resume", "", *checks(results), "",
