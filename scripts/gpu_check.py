@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,15 +87,18 @@ class Runner:
         return self.deadline - time.monotonic()
 
     def __call__(self, cmd: list[str], env: dict | None = None) -> dict:
-        """{'rc', 'seconds', 'tail'}; rc None when the deadline stopped it."""
+        """{'rc', 'seconds', 'tail'}; rc None when the deadline stopped it (with the processes it started)."""
         start = time.monotonic()
         with self.log.open("a") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                       env={**os.environ, **(env or {})})
             try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=max(1, self.left()),
-                                    env={**os.environ, **(env or {})}).returncode
+                rc = process.wait(timeout=max(1, self.left()))
             except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)  # its own session: bench's workers, launch.sh's ranks
+                process.wait()
                 rc = None
         lines = self.log.read_text(errors="replace").splitlines()
         return {"rc": rc, "seconds": round(time.monotonic() - start, 1), "tail": "\n".join(lines[-15:])}

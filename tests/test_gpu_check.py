@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,14 @@ def test_the_qwen2_shape_has_qwen2_05bs_parameter_count():
 
 
 def test_a_command_past_the_deadline_is_stopped(tmp_path):
+    """With what it started: a child of the command (here a second sleep) is stopped too."""
     run = gpu_check.Runner(budget=1, log=tmp_path / "log")
-    result = run(["sleep", "20"])
+    result = run(["bash", "-c", f"sleep 20 & echo $! > {tmp_path / 'child'}; wait"])
     assert result["rc"] is None and result["seconds"] < 5
-    assert "$ sleep 20" in (tmp_path / "log").read_text()
+    child = int((tmp_path / "child").read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert "$ bash -c sleep 20" in (tmp_path / "log").read_text()
 
 
 def results():
