@@ -53,12 +53,15 @@ def block_mask(spans: tuple, window: int | None, device: torch.device) -> BlockM
     return create_block_mask(pair_mask_mod(*span_tables(spans, device), window), None, None, n, n, device=device)
 
 
-@functools.cache
+# One fused kernel: compiled on its first call, then once more for dynamic lengths. Made here, not inside a
+# compiled model's forward, where dynamo would trace its making; only where CUDA is (importing dynamo costs seconds).
+COMPILED = torch.compile(flex_attention) if torch.cuda.is_available() else None
+
+
 def kernel(device_type: str):
-    """flex_attention compiled (one fused kernel; it compiles once, then again once for dynamic
-    lengths) on CUDA. Elsewhere the eager one, which computes the dense scores and has no backward
-    on CPU: what the CPU tests run, forward only."""
-    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+    """flex_attention compiled on CUDA. Elsewhere the eager one, which computes the dense scores
+    and has no backward on CPU: what the CPU tests run, forward only."""
+    return COMPILED if device_type == "cuda" else flex_attention
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockMask,

@@ -93,6 +93,7 @@ def test_the_device_picks_the_kernel(monkeypatch):
     monkeypatch.setenv("DPO_TRAIN_PAIR_ATTENTION", "flex")
     assert attention.uses_flex(torch.device("cpu"))
     assert flex.kernel("cpu") is torch.nn.attention.flex_attention.flex_attention  # compiled on CUDA only
+    assert (flex.kernel("cuda") is None) == (not torch.cuda.is_available())
 
 
 def packed_forward(model, batch, monkeypatch, choice):
@@ -167,11 +168,17 @@ def test_flex_under_bf16_autocast_agrees_with_the_loop(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_compiled_model_reads_the_prebuilt_masks_in_one_graph_across_batches(monkeypatch):
+@pytest.mark.filterwarnings("error:Dynamo detected")
+@pytest.mark.parametrize("nested", [False, True], ids=["flex", "compiled-flex"])
+def test_a_compiled_model_reads_the_prebuilt_masks_in_one_graph_across_batches(monkeypatch, nested):
     """What train.compile does on CUDA, traced by dynamo with the aot_eager backend: inductor's CPU
     FlexAttention template does not build with dynamic shapes in torch 2.13 (a C++ compile error),
     and CPU has no backward. One graph serves four batches of new lengths and spans: no graph break,
-    no recompilation, the loop's numbers."""
+    no recompilation, the loop's numbers. `compiled-flex` nests a compiled flex_attention made
+    outside the forward, as flex.COMPILED is on CUDA."""
+    if nested:
+        compiled = torch.compile(torch.nn.attention.flex_attention.flex_attention, backend="aot_eager")
+        monkeypatch.setattr(flex, "kernel", lambda device_type: compiled)
     import random
 
     from torch._dynamo.utils import counters
