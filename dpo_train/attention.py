@@ -3,7 +3,8 @@
 Each pair is a span [prompt | chosen | rejected] of the row. Per span, the chosen answer attends
 causally over prompt + chosen, and the rejected answer over the prompt and itself: exactly what
 each sees alone in a padded row, and nothing of the other pairs. Nothing is computed on padding,
-and no (N, N) mask exists: each block is one causal SDPA call.
+and no (N, N) mask exists: on CUDA one FlexAttention call per layer reads a block mask built once
+per batch (flex.py); elsewhere each block is one causal SDPA call (`uses_flex` picks).
 
 It runs as a transformers attention implementation (`enable`), so the model's own projections,
 rotary embeddings and layers are untouched. A forward called with `SPANS_KWARG` gets the pair
@@ -12,6 +13,7 @@ attention; any other call (generation, evaluation) falls through to the model's 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -20,6 +22,8 @@ from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import flex
 
 PREFIX = "dpo_pairs|"  # registered as PREFIX + the model's own implementation, which it falls back to
 SPANS_KWARG = "dpo_pair_spans"
@@ -40,6 +44,34 @@ class Spans:
 
     def __iter__(self):
         return iter(self.pairs)
+
+    def block_mask(self, window: int | None, device: torch.device) -> "flex.BlockMask":
+        """The row's FlexAttention block mask for this sliding window (None: none), built on first
+        use and kept: every layer reads the same one, recomputation under gradient checkpointing too."""
+        masks = self.__dict__.setdefault("masks", {})
+        if window not in masks:
+            masks[window] = flex.block_mask(tuple(self), window, device)
+        return masks[window]
+
+
+def uses_flex(device: torch.device) -> bool:
+    """Whether the pair attention runs as one FlexAttention call per layer (CUDA) or as the per-pair
+    SDPA loop (elsewhere: FlexAttention has no backward pass on CPU). DPO_TRAIN_PAIR_ATTENTION=loop
+    or =flex overrides the choice, for A/B runs on a GPU."""
+    choice = os.environ.get("DPO_TRAIN_PAIR_ATTENTION", "auto")
+    return choice == "flex" or (choice == "auto" and device.type == "cuda")
+
+
+def batch_spans(pair_spans: torch.Tensor, config, device: torch.device) -> Spans:
+    """The spans of a collate_packed batch, (B, 4). Where FlexAttention runs, the block masks for
+    the model's windows (none, and its sliding window if it has one) are built here, once per batch
+    and outside the forward, so that a compiled forward only reads them."""
+    spans = Spans(map(tuple, pair_spans.tolist()))
+    if uses_flex(device):
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for window in {None, getattr(config, "sliding_window", None)}:
+            spans.block_mask(window, device)
+    return spans
 
 
 def unsupported(config) -> str | None:
@@ -87,6 +119,15 @@ def own_attention(module: torch.nn.Module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the autocast dtype when autocast is on: a CausalBias mask and FlexAttention
+    dispatch around autocast, which would leave query and key in fp32 (rotary) and value in bf16."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(tensor.to(torch.get_autocast_dtype(device)) for tensor in tensors)
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sliding_window: int | None,
            dropout: float, scaling: float | None) -> torch.Tensor:
     """Causal attention of the last q positions over all k: query (1, Hq, q, D), key and value
@@ -100,10 +141,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sliding_
         mask, is_causal = (distance >= 0) & (distance < sliding_window), False
     elif q != k:
         mask = causal_lower_right(q, k)
-    device = query.device.type
-    if torch.is_autocast_enabled(device):  # a CausalBias mask dispatches around autocast: cast as autocast would
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    query, key, value = autocast_inputs(query, key, value)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
                                           scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
 
@@ -121,6 +159,10 @@ def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
         raise NotImplementedError(f"padding-free layout: the model's attention uses {extra}, which it does not "
                                   "implement; use train.layout: rows")
     spans.used = True
+    if dropout == 0.0 and uses_flex(query.device):  # FlexAttention has no dropout; attention dropout takes the loop
+        query, key, value = autocast_inputs(query, key, value)
+        return flex.attend(query, key, value, spans.block_mask(sliding_window, query.device),
+                           scaling).transpose(1, 2).contiguous(), None
     outputs = []
     for start, prompt, chosen, rejected in spans:
         prompt_and_chosen = slice(start, start + prompt + chosen)

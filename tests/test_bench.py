@@ -1,4 +1,5 @@
-"""scripts/bench.py's own arithmetic: the synthetic shapes and MFU (the runs themselves need TRL and minutes)."""
+"""scripts/bench.py's own arithmetic: the synthetic shapes, MFU, the FLOP count and the GEMM rate
+(the runs themselves need TRL and minutes)."""
 
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402
+import bench_flops  # noqa: E402
 
 
 def words(turn):
@@ -27,14 +29,68 @@ def test_shapes_fix_lengths_and_spread_varies_them_within_bounds():
 
 def test_mfu_counts_eight_flops_per_parameter_per_pair_token():
     # 135M parameters at 1 000 pair tokens/s: 1.08e15 FLOPs/s out of 989.4 TFLOPS
-    assert bench.mfu(1000, 135_000_000, 989.4) == pytest.approx(8 * 135e6 * 1000 / 989.4e12)
-    assert bench.mfu(1000, 135_000_000, 989.4) == pytest.approx(0.0010916, rel=1e-4)
+    assert bench_flops.mfu(1000, 135_000_000, 989.4) == pytest.approx(8 * 135e6 * 1000 / 989.4e12)
+    assert bench_flops.mfu(1000, 135_000_000, 989.4) == pytest.approx(0.0010916, rel=1e-4)
 
 
 def test_model_parameters_come_from_the_config_alone(tiny_model_dir):
-    assert bench.model_parameters(str(tiny_model_dir)) == AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    assert bench_flops.model_parameters(str(tiny_model_dir)) == AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CPU only")
 def test_no_mfu_on_a_cpu():
-    assert bench.device_peak_tflops("bfloat16") is None
+    assert bench_flops.device_peak_tflops("bfloat16") is None
+
+
+def test_cpu_attention_is_counted_with_the_sdpa_formulas():
+    """torch 2.13's counter knows no CPU SDPA kernel (it counts 0); ours adds them. Forward: scores
+    and output, 2 products of 2 x h x q x k x d FLOPs; backward: 5 of them (scores recomputed,
+    grads of probabilities, value, query and key). Grouped KV heads count as the query's."""
+    from torch.utils.flop_counter import FlopCounterMode
+    h, q, k, d = 4, 64, 48, 8
+    query = torch.randn(1, h, q, d, requires_grad=True)
+    key, value = (torch.randn(1, 2, k, d, requires_grad=True) for _ in range(2))
+    run = lambda: torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=torch.ones(q, k, dtype=torch.bool).tril(k - q), enable_gqa=True).sum().backward()
+    with FlopCounterMode(display=False) as plain:
+        run()
+    assert plain.get_total_flops() == 0
+    assert bench_flops.count_flops(run) == 7 * (2 * h * q * k * d)
+
+
+def test_a_packed_policy_step_counts_the_flops_worked_by_hand():
+    """The tiny Llama (hidden 32, 2 layers, 4 query and 2 KV heads of 8, MLP 64) on a packed batch:
+    every linear layer costs 2 x weights FLOPs per token forward and twice that backward (input
+    and weight gradients), the head 2 x V x 32 per scored position; attention per block as above."""
+    from conftest import make_model, make_tokenizer
+    from dpo_train.data import collate_packed, tokenize_pair
+    from dpo_train.logps import concatenated_forward
+    tokenizer = make_tokenizer()
+    model = make_model(len(tokenizer))
+    rows = [{"prompt": "1+2=", "chosen": "3", "rejected": "four"}, {"prompt": "a prompt", "chosen": "yes", "rejected": "no"}]
+    batch = collate_packed([tokenize_pair(r, tokenizer, 128, 64) for r in rows], tokenizer.pad_token_id)
+    flops = bench_flops.count_flops(lambda: sum(map(torch.sum, concatenated_forward(model, batch))).backward())
+    n, scored = batch["input_ids"].shape[1], len(batch["targets"])
+    layer_weights = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64  # q, k and v, o, gate, up and down
+    blocks = sum((p + c) * (p + c) + r * (p + r) for _, p, c, r in batch["pair_spans"].tolist())  # (queries x keys)
+    attention = 2 * (2 * 4 * 8) * blocks * (1 + 5 / 2)  # forward 2 products per block, backward 5
+    expected = 3 * (2 * 2 * layer_weights * n + 2 * len(tokenizer) * 32 * scored) + 2 * attention
+    assert flops == expected
+
+
+def test_the_gemm_rate_is_the_fastest_product_after_a_warm_up():
+    clock = iter([0, 5, 10, 12, 20, 21, 30, 33])  # warm-up 5 s, then 2, 1 and 3 s
+    assert bench_flops.matmul_rate(size=64, repeats=3, device="cpu", clock=lambda: next(clock)) == 2 * 64 ** 3 / 1
+
+
+def test_achieved_flops_are_counted_flops_per_token_times_tokens_per_second():
+    assert bench_flops.achieved(1.2e9, 100, 200e9) == pytest.approx((120e9, 0.6))
+
+
+def test_tokens_per_batch_sets_the_pairs_per_step_for_each_shape(tiny_model_dir):
+    args = bench.argparse.Namespace(model=str(tiny_model_dir), scale=0.2, spread=0.0, max_length=1024, batch=4,
+                                    tokens_per_batch=2000)
+    for shape in bench.SHAPES:
+        batch, tokens = bench.batch_size(args, shape)
+        assert abs(batch * tokens - 2000) <= tokens / 2  # the nearest whole number of pairs
+    assert bench.batch_size(bench.argparse.Namespace(**{**vars(args), "tokens_per_batch": 0}), "prompt-heavy")[0] == 4
