@@ -27,7 +27,7 @@ from .config import Config, save_config
 from .data import COLLATES, build_dataset
 from .evaluate import exact_match, generate, metrics_table, preference_metrics
 from .logps import policy_and_reference_logps
-from .losses import REFERENCE_FREE, objective
+from .objective import Objective
 from .metrics import MetricsLog, add, means, pair_metrics
 from . import attention, reference as precomputed
 from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, load_policy_and_reference,
@@ -44,12 +44,9 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def training_step(policy, reference, batch, loss_fn):
     """Reference forward (no grad), policy forward, loss. Returns (mean loss, metric sums)."""
-    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps = (
-        policy_and_reference_logps(policy, reference, batch))
-    losses, chosen_rewards, rejected_rewards = loss_fn(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        batch["chosen_lengths"], batch["rejected_lengths"])
-    sums = pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    logps = policy_and_reference_logps(policy, reference, batch, loss_fn.extras)
+    losses, chosen_rewards, rejected_rewards = loss_fn(logps)
+    sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps, logps.policy_rejected_logps)
     return losses.mean(), sums
 
 
@@ -115,7 +112,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         # The reference always comes from the original model, never from a checkpoint.
         lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
         policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
-                                                      need_reference=not (l.reference_free or l.type in REFERENCE_FREE))
+                                                      need_reference=Objective(**vars(l)).needs_reference)
     log(f"train data: {train_stats}")
     if eval_stats:
         log(f"eval data: {eval_stats}")
@@ -151,7 +148,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer.optimizer, partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
     accelerator.register_for_checkpointing(scheduler)
-    loss_fn = objective(l.type, l.beta, l.label_smoothing, l.gamma, l.sft_weight)
+    loss_fn = Objective(**vars(l))
     evaluate = partial(preference_metrics, accelerator, loss_fn=loss_fn)
     metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
     if t.report_to != "none":
