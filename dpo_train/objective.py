@@ -100,14 +100,16 @@ class Objective:
         minimise is the mean of `losses`. Rewards (metrics, detached) are beta * the log-ratios, or
         beta * per-token mean log-probs when the first loss type is simpo or orpo."""
         tensors = {**self.tensors(logps), **self.hyperparameters}
-        weights = 1.0
         if self.use_weighting:
-            weights = (wpo_weights(logps.policy_chosen_logps, logps.policy_chosen_log_sum_sq, logps.chosen_lengths)
-                       * wpo_weights(logps.policy_rejected_logps, logps.policy_rejected_log_sum_sq,
-                                     logps.rejected_lengths))
-        losses = 0.0
+            pair_weights = (wpo_weights(logps.policy_chosen_logps, logps.policy_chosen_log_sum_sq, logps.chosen_lengths)
+                            * wpo_weights(logps.policy_rejected_logps, logps.policy_rejected_log_sum_sq,
+                                          logps.rejected_lengths))
+        losses = None
         for loss, parameters, weight in self.terms:
-            losses = losses + weight * weights * loss(**{name: tensors[name] for name in parameters})
+            term = loss(**{name: tensors[name] for name in parameters})
+            term = term * pair_weights if self.use_weighting else term
+            term = weight * term if weight != 1.0 else term
+            losses = term if losses is None else losses + term
         if self.sft_weight:
             losses = losses - self.sft_weight * logps.policy_chosen_logps / logps.chosen_lengths
         if self.types[0] in MEAN_LOGP_REWARDS:
