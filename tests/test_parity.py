@@ -25,4 +25,5 @@ def test_every_objective_equals_trl_step_for_step():
         assert result["max_loss_difference"] < 1e-4, (case, result)
         # and relative to the loss, which for some objectives is tiny (WPO: about 1e-6 here)
         assert result["max_relative_difference"] < 1e-3, (case, result)
-        assert result["max_margin_difference"] < 1e-4, (case, result)
+        if case != "sft":  # alone it loads no reference here, so its rewards are beta * log pi, TRL's beta * log pi/ref
+            assert result["max_margin_difference"] < 1e-4, (case, result)
