@@ -293,7 +293,7 @@ def describe(cls=Config, prefix: str = "") -> str:
         if origin is Literal:
             kind = " | ".join(args)
         elif origin is list:
-            kind = f"list of {args[0].__name__}"
+            kind = f"list of {' | '.join(typing.get_args(args[0])) or args[0].__name__}"
         else:
             kind = " or ".join("null" if a is type(None) else a.__name__ for a in args or (hint,))
         lines.append(f"{prefix}{f.name}  ({kind}, default {default!r})")
