@@ -66,16 +66,18 @@ class Objective:
         self.types = [type] if isinstance(type, str) else list(type)
         self.weights = list(weights) if weights is not None else [1.0] * len(self.types)
         self.beta, self.reference_free, self.sft_weight = beta, reference_free, sft_weight
-        self.f_divergence, self.f_alpha, self.use_weighting, self.ld_alpha = f_divergence, f_alpha, use_weighting, ld_alpha
+        self.f_divergence, self.use_weighting, self.ld_alpha = f_divergence, use_weighting, ld_alpha
+        self.f_alpha = 0.5 if f_alpha is None else f_alpha  # null: TRL's defaults, as config resolves them
         self.hyperparameters = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma,
-                                "discopop_tau": discopop_tau}
+                                "discopop_tau": 0.05 if discopop_tau is None else discopop_tau}
         # (loss, the names it reads, its weight) per type
         self.terms = [(LOSSES[name], list(inspect.signature(LOSSES[name]).parameters), weight)
                       for name, weight in zip(self.types, self.weights, strict=True)]
         # with loss.reference_free the reference is uniform: zeros, no model
         self.needs_reference = not reference_free and not set(self.types) <= REFERENCE_FREE
-        self.extras = frozenset({"shared_logps"} if ld_alpha is not None else set()) | frozenset(
-            {"log_sum_sq"} if use_weighting else set())
+        # what logps computes beyond the sums: only what the options ask for
+        self.extras = frozenset(name for name, asked in (("shared_logps", ld_alpha is not None),
+                                                         ("log_sum_sq", use_weighting)) if asked)
 
     def tensors(self, logps) -> dict[str, torch.Tensor]:
         """Every per-pair tensor a loss may read (losses.py's list), each (B,)."""
