@@ -161,12 +161,12 @@ def log1mexp(x):
 
 
 def orpo(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta: float):
-    """ORPO (Hong et al. 2024, eq. 6), reference-free: NLL + lambda * L_OR, lambda = beta.
+    """ORPO (Hong et al. 2024), reference-free: L_SFT + lambda * L_OR, lambda = beta.
 
     L_OR = -log sigmoid(log odds(y_c) - log odds(y_r)) (eq. 7), odds(y) = P(y) / (1 - P(y)) with
     log P(y) the per-token mean log-prob (eq. 4). The NLL is the sft term: the chosen completions'
     tokens of the batch averaged together, as TRL's ORPOTrainer averages them (it also counts the
-    prompt's tokens; the paper's eq. 2 and this function count the completion's only).
+    prompt's tokens; the paper's L_SFT and this function count the completion's only).
     """
     chosen, rejected = policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))

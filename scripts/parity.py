@@ -19,7 +19,7 @@ dpo-train's token ids (its dataset is replaced after it is built), and both scor
 The cases are TRL 1.16 DPOTrainer's loss types and options (its `loss_type`, `loss_weights`,
 `f_divergence_type`, `use_weighting`, `ld_alpha`), plus `orpo` against trl.experimental's ORPOTrainer
 and `simpo` against its CPOTrainer (loss_type simpo, cpo_alpha 0). ORPOTrainer's NLL term also counts
-the prompt's tokens (the ORPO paper's eq. 2 and dpo-train count the response's only), so the orpo case
+the prompt's tokens (the ORPO paper's L_SFT and dpo-train count the response's only), so the orpo case
 keeps one prompt token (data.max_prompt_length 1), which is never predicted: both then average the
 same tokens.
 """

@@ -195,7 +195,7 @@ def test_orpo_is_the_nll_plus_lambda_times_the_odds_ratio_loss():
         p = math.exp(logp)
         return math.log(p / (1 - p))
     nll = 8.5 / 6  # the batch's chosen tokens, as the sft term
-    # eq. 6 and 7: L_SFT + lambda * -log sigmoid(log odds(y_c) - log odds(y_r))
+    # L_SFT + lambda * L_OR, L_OR = -log sigmoid(log odds(y_c) - log odds(y_r))  (eq. 7)
     expected = [nll - lam * log_sigmoid(log_odds(pc / lc) - log_odds(pr / lr)) for pc, pr, _, _, lc, lr in ROWS]
     losses, chosen_rewards, _ = Objective("orpo", beta=lam)(logps())
     assert_close(losses.tolist(), expected)
