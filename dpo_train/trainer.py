@@ -27,7 +27,7 @@ from .config import Config, save_config
 from .data import COLLATES, build_dataset
 from .evaluate import final_evaluation, preference_metrics
 from .logps import head_inside, policy_and_reference_logps
-from .losses import REFERENCE_FREE, objective
+from .objective import Objective
 from .metrics import MetricsLog, add, means, pair_metrics, peak_memory_mb, reset_peak_memory
 from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, hf_dir, load_policy_and_reference,
                      load_tokenizer, num_parameters)
@@ -43,12 +43,9 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def training_step(policy, reference, batch, loss_fn):
     """Reference forward (no grad), policy forward, loss. Returns (mean loss, metric sums)."""
-    policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps = (
-        policy_and_reference_logps(policy, reference, batch))
-    losses, chosen_rewards, rejected_rewards = loss_fn(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        batch["chosen_lengths"], batch["rejected_lengths"])
-    sums = pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    logps = policy_and_reference_logps(policy, reference, batch, loss_fn.extras)
+    losses, chosen_rewards, rejected_rewards = loss_fn(logps)
+    sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps, logps.policy_rejected_logps)
     return losses.mean(), sums
 
 
@@ -133,7 +130,7 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     # The reference always comes from the original model, never from a checkpoint.
     lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
     policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
-                                                  need_reference=not (l.reference_free or l.type in REFERENCE_FREE))
+                                                  need_reference=Objective(**vars(l)).needs_reference)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     if t.compile:  # in place: parameter names, checkpoints and the saved model are unchanged
@@ -171,7 +168,7 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     if t.report_to != "none":
         accelerator.init_trackers("dpo-train", config=flat(config.to_dict()))
     run = Run(config, accelerator, policy, reference, optimizer, scheduler,
-              objective(l.type, l.beta, l.label_smoothing, l.gamma, l.sft_weight), train_loader, eval_loader,
+              Objective(**vars(l)), train_loader, eval_loader,
               eval_set, eval_rows, tokenizer, {"train": train_stats, **({"eval": eval_stats} if eval_stats else {})},
               MetricsLog(out / "metrics.jsonl", accelerator), total_steps,
               {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0})

@@ -1,9 +1,10 @@
 import typing
+from pathlib import Path
 
 import pytest
 
-from dpo_train.config import ConfigError, LossType, load_config
-from dpo_train.losses import LOSSES
+from dpo_train.config import REFERENCE_FREE_TYPES, ConfigError, LossType, load_config, save_config
+from dpo_train.losses import LOSSES, REFERENCE_FREE
 
 GOOD = """
 model: {name_or_path: some/model}
@@ -31,7 +32,7 @@ def test_good_config_parses_with_types(tmp_path):
     cfg = load_config(write(tmp_path, GOOD))
     assert cfg.model.name_or_path == "some/model" and cfg.model.ref_name_or_path is None
     assert cfg.train.learning_rate == 5e-7 and isinstance(cfg.train.learning_rate, float)  # YAML reads 5e-7 as str
-    assert cfg.train.max_steps == 10 and cfg.loss.type == "sigmoid" and cfg.loss.reference_free is False
+    assert cfg.train.max_steps == 10 and cfg.loss.type == ["sigmoid"] and cfg.loss.reference_free is False
 
 
 def test_overrides_are_typed_like_the_field(tmp_path):
@@ -59,9 +60,23 @@ def test_overrides_are_typed_like_the_field(tmp_path):
     (GOOD, ["train.output_dir="], "train.output_dir"),
     (GOOD, ["nodot=1"], "nodot"),
     ("model: [1, 2]\n", [], "model"),
-    (GOOD, ["loss.label_smoothing=0.1"], "loss.label_smoothing"),  # only robust uses it
+    (GOOD, ["loss.label_smoothing=0.1"], "loss.label_smoothing"),  # only robust, exo_pair and aot read it
     (GOOD, ["loss.type=robust", "loss.label_smoothing=0.5"], "loss.label_smoothing"),
+    (GOOD, ["loss.type=exo_pair", "loss.label_smoothing=0"], "loss.label_smoothing"),  # EXO needs eps > 0
     (GOOD, ["loss.gamma=1"], "loss.gamma"),  # only simpo uses it
+    (GOOD, ["loss.type=[sigmoid, kto]"], "loss.type[1]"),
+    (GOOD, ["loss.type=[]"], "loss.type"),
+    (GOOD, ["loss.type=[sigmoid, sft]", "loss.weights=[1.0]"], "loss.weights"),
+    (GOOD, ["loss.weights=[-1]"], "loss.weights"),
+    (GOOD, ["loss.discopop_tau=0.1"], "loss.discopop_tau"),  # only discopop
+    (GOOD, ["loss.type=discopop", "loss.discopop_tau=0"], "loss.discopop_tau"),
+    (GOOD, ["loss.f_divergence=kl"], "loss.f_divergence"),
+    (GOOD, ["loss.f_alpha=0.3"], "loss.f_alpha"),  # only alpha_divergence
+    (GOOD, ["loss.type=bco_pair", "loss.f_divergence=forward_kl"], "loss.f_divergence"),  # TRL's rule
+    (GOOD, ["loss.type=aot", "loss.use_weighting=true"], "loss.use_weighting"),
+    (GOOD, ["loss.ld_alpha=1.5"], "loss.ld_alpha"),
+    (GOOD, ["loss.type=simpo", "loss.ld_alpha=0.5"], "loss.ld_alpha"),  # reads no log-ratios
+    (GOOD, ["loss.ld_alpha=0.5", "model.precompute_reference=true"], "loss.ld_alpha"),
     (GOOD, ["loss.sft_weight=-1"], "loss.sft_weight"),
     (GOOD, ["model.lora.r=-1"], "model.lora.r"),
     (GOOD, ["model.lora.rank=8"], "model.lora.rank"),
@@ -87,6 +102,17 @@ def test_missing_required_values(tmp_path):
 
 def test_loss_types_match_the_loss_table():
     assert set(typing.get_args(LossType)) == set(LOSSES)
+    assert set(REFERENCE_FREE_TYPES) == REFERENCE_FREE
+
+
+def test_a_list_of_loss_types_with_weights(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["loss.type=[sigmoid, bco_pair, sft]", "loss.weights=[0.8, 0.2, 1]"])
+    assert cfg.loss.type == ["sigmoid", "bco_pair", "sft"] and cfg.loss.weights == [0.8, 0.2, 1.0]
+    cfg = load_config(write(tmp_path, GOOD), ["loss.type=[sigmoid, sft]"])
+    assert cfg.loss.weights == [1.0, 1.0]  # null: all 1.0, shown in the saved config
+    options = load_config(write(tmp_path, GOOD), ["loss.f_divergence=alpha_divergence", "loss.use_weighting=true",
+                                                  "loss.ld_alpha=0.5"]).loss
+    assert (options.f_alpha, options.use_weighting, options.ld_alpha) == (0.5, True, 0.5)
 
 
 def test_nested_lora_settings_from_yaml_and_one_override(tmp_path):
@@ -111,3 +137,20 @@ def test_loss_settings_left_null_take_the_loss_types_defaults(tmp_path):
     assert (simpo.beta, simpo.gamma) == (2.0, 1.0)
     robust = load_config(write(tmp_path, GOOD), ["loss.type=robust"]).loss
     assert (robust.beta, robust.label_smoothing) == (0.1, 0.1)  # an explicit beta stays
+    exo = load_config(write(tmp_path, GOOD), ["loss.type=[sigmoid, exo_pair, discopop]"]).loss
+    assert (exo.label_smoothing, exo.discopop_tau) == (1e-3, 0.05)  # the first listed type with a default
+    assert load_config(write(tmp_path, GOOD)).loss.discopop_tau is None  # a setting no listed type reads stays null
+
+
+@pytest.mark.parametrize("loss_type", typing.get_args(LossType))
+def test_the_quickstart_switches_to_every_loss_type_with_one_override(loss_type):
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml",
+                         [f"loss.type={loss_type}"])
+    assert config.loss.type == [loss_type]
+
+
+def test_a_saved_config_loads_again(tmp_path):
+    """What the trainer writes beside a checkpoint (settings resolved, unused ones null or 0) is a valid config."""
+    config = load_config(write(tmp_path, GOOD), ["loss.type=[exo_pair, discopop]", "loss.f_divergence=alpha_divergence"])
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == config

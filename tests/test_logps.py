@@ -1,8 +1,11 @@
+import math
+
+import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from dpo_train.data import collate, tokenize_pair
-from dpo_train.logps import concatenated_forward, sequence_logps
+from dpo_train.data import COLLATES, collate, tokenize_pair
+from dpo_train.logps import EXTRAS, concatenated_forward, forward_sums, policy_and_reference_logps, sequence_logps
 
 
 def naive_logps(logits, labels):
@@ -43,3 +46,51 @@ def test_concatenated_forward_matches_one_unpadded_forward_per_sequence():
                 expected = naive_logps(model(input_ids).logits, labels)[0]
                 # padding must not change the result; sums of ~100 nats sit at fp32 resolution, hence rtol
                 assert torch.allclose(got, expected.float(), rtol=1e-6, atol=1e-5), (side, i)
+
+
+@pytest.mark.parametrize("layout", ["packed", "rows", "padded"])
+def test_extras_match_a_naive_loop_in_every_layout(layout):
+    """shared_logps: each completion's first min(chosen, rejected length) tokens; log_sum_sq: log sum_v p(v)^2
+    per token (no gradient), summed; the same in the three layouts and under autograd as without."""
+    tokenizer = make_tokenizer()
+    model = make_model(len(tokenizer)).eval()
+    rows = [{"prompt": "1+2=", "chosen": "3", "rejected": "four"},
+            {"prompt": "a longer prompt here", "chosen": "a much longer chosen answer", "rejected": "no"}]
+    pairs = [tokenize_pair(r, tokenizer, 128, 64) for r in rows]
+    batch = COLLATES[layout](pairs, pad_token_id=tokenizer.pad_token_id)
+    sums = forward_sums(model, batch, chunk_size=4, extras=EXTRAS)
+    assert set(sums) == {"logps", "shared_logps", "log_sum_sq"}
+    assert sums["logps"].requires_grad and not sums["log_sum_sq"].requires_grad
+    expected = {"logps": [], "shared_logps": [], "log_sum_sq": []}
+    with torch.no_grad():
+        for side in ("chosen_ids", "rejected_ids"):
+            for pair in pairs:
+                shared = min(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+                ids = pair["prompt_ids"] + pair[side]
+                log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+                start = len(pair["prompt_ids"])
+                token = [log_probs[t - 1, ids[t]].item() for t in range(start, len(ids))]
+                # log sum_v p(v)^2 of the distribution that predicts each completion token
+                sum_sq = [math.log((log_probs[t - 1].exp() ** 2).sum().item()) for t in range(start, len(ids))]
+                expected["logps"].append(sum(token))
+                expected["shared_logps"].append(sum(token[:shared]))
+                expected["log_sum_sq"].append(sum(sum_sq))
+    for key, values in expected.items():
+        assert torch.allclose(sums[key].detach(), torch.tensor(values, dtype=torch.float32), atol=1e-4), key
+    # the first pair's completions have 2 and 5 tokens: the rejected side's shared part is its first 2
+    assert sums["shared_logps"][2].item() != sums["logps"][2].item()
+
+
+def test_policy_and_reference_logps_gives_the_objective_what_it_asks_for():
+    tokenizer = make_tokenizer()
+    policy, reference = make_model(len(tokenizer), seed=0), make_model(len(tokenizer), seed=1)
+    pairs = [tokenize_pair({"prompt": "1+2=", "chosen": "3", "rejected": "four"}, tokenizer, 128, 64)]
+    batch = COLLATES["packed"](pairs, pad_token_id=tokenizer.pad_token_id)
+    plain = policy_and_reference_logps(policy, reference, batch)
+    assert plain.policy_chosen_shared_logps is None and plain.policy_chosen_log_sum_sq is None
+    full = policy_and_reference_logps(policy, reference, batch, EXTRAS)
+    assert torch.equal(full.policy_chosen_logps, plain.policy_chosen_logps)
+    assert full.reference_chosen_shared_logps is not None and full.policy_rejected_log_sum_sq is not None
+    assert not full.reference_chosen_logps.requires_grad
+    free = policy_and_reference_logps(policy, None, batch, EXTRAS)  # no reference: zeros, shared parts too
+    assert torch.equal(free.reference_rejected_shared_logps, torch.zeros(1))

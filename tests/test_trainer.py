@@ -100,6 +100,10 @@ OBJECTIVES = {
     "rpo": (["loss.sft_weight=1"], None),  # ln 2 + the chosen per-token NLL
     "lora": (["model.lora.r=4"], math.log(2)),  # lora_B starts at zero: the policy is the base model
     "lora-simpo": (["model.lora.r=4", "loss.type=simpo", "loss.beta=2", "loss.gamma=0.5"], None),
+    "orpo": (["loss.type=orpo"], None),  # reference-free: the chosen NLL plus the odds-ratio term
+    # a weighted list with every option that asks logps for more (WPO, LD-DPO) and an f-divergence
+    "options": (["loss.type=[sigmoid, sft]", "loss.weights=[1, 0.1]", "loss.use_weighting=true", "loss.ld_alpha=0.5",
+                 "loss.f_divergence=js_divergence"], None),
 }
 
 
@@ -114,11 +118,14 @@ def test_every_objective_trains_end_to_end(tmp_path, tiny_model_dir, tiny_data, 
     if name == "rpo":
         assert first["loss"] > math.log(2) + 1.0  # a random model's NLL per token is about ln(vocab) = 4.6
     eval_losses = [r["eval/loss"] for r in records if "eval/loss" in r]
-    assert eval_losses[-1] < eval_losses[0]  # held-out loss falls between step 4 and step 8
-    if "simpo" in name:  # no reference model at all
+    if name == "options":  # WPO's weights grow as the policy grows surer: losses are not comparable across steps
+        assert results["policy"]["rewards/margins"] > 0 and results["policy"]["rewards/accuracies"] > 0.5
+    else:
+        assert eval_losses[-1] < eval_losses[0]  # held-out loss falls between step 4 and step 8
+    if "simpo" in name or name == "orpo":  # no reference model at all
         assert set(results) == {"policy"}
     else:
-        assert results["policy"]["loss"] < results["reference"]["loss"]
+        assert name == "options" or results["policy"]["loss"] < results["reference"]["loss"]
         assert results["reference"]["rewards/margins"] == 0.0
 
 

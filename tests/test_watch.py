@@ -52,5 +52,5 @@ def test_tensorboard_logging_and_model_card(tmp_path, tiny_model_dir, tiny_data)
     logged = b"".join(e.read_bytes() for e in events)
     assert b"rewards/margins" in logged and b"eval/loss" in logged and b"train.seed" in logged  # scalars, hparams
     card = (tmp_path / "run" / "final" / "README.md").read_text()
-    assert "3 optimizer steps" in card and "48/48 pairs kept" in card and "| loss |" in card
+    assert "3 optimizer steps with the `sigmoid` loss" in card and "48/48 pairs kept" in card and "| loss |" in card
     assert "beta: 0.1" in card  # the resolved config
