@@ -7,11 +7,12 @@ out-of-range value) raises `ConfigError` with one line naming the file and the d
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 
@@ -25,11 +26,22 @@ LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0}
 LOSS_DEFAULTS_BY_TYPE = {"simpo": {"beta": 2.0, "gamma": 1.0}, "robust": {"label_smoothing": 0.1}}
 DType = Literal["float32", "bfloat16", "float16"]
 Layout = Literal["packed", "rows", "padded"]
-Tracker = Literal["none", "tensorboard"]
+# The trackers Accelerate knows (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test checks), and none.
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                  "trackio"]
+SHIPPED_TEMPLATES = ("chatml",)  # data.chat_template names with a template in dpo_train/templates.py (a test checks)
 
 
 class ConfigError(ValueError):
     """A config problem, reported to the user as one line."""
+
+
+class _WrongType(ConfigError):
+    """A value of the wrong type altogether at `key` (a union there reports its own, wider, message)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -51,13 +63,36 @@ class ModelConfig:
 
 
 @dataclass
+class Columns:
+    """Where each field comes from: a column name, or null for the column of the field's own name."""
+    prompt: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+
+
+@dataclass
+class Source:
+    """One source of a mixture (an item of data.train or data.eval)."""
+    path: str = ""  # .jsonl/.json/.parquet file, dataset directory (save_to_disk too), or hub dataset id
+    split: Optional[str] = None  # null: data.train_split or data.eval_split; slices too: train[:10%]
+    columns: Columns = field(default_factory=Columns)  # null fields fall back to data.columns
+    take: Optional[Union[int, float]] = None  # an integer: that many rows; a float in (0, 1]: that fraction; null: all
+    rows: Optional[int] = None  # written by the run: the rows this source gave; when set, the data must still give them
+
+
+@dataclass
 class DataConfig:
-    train: str = ""  # .jsonl/.json/.parquet file, local dataset directory, or hub dataset id
-    eval: Optional[str] = None
-    train_split: str = "train"  # split names used for hub datasets and dataset directories
+    # a file, dataset directory or hub id; or a list of sources, each one of those or a Source mapping
+    train: Union[str, list[Union[str, Source]]] = ""
+    eval: Optional[Union[str, list[Union[str, Source]]]] = None
+    train_split: str = "train"  # split of hub datasets and dataset directories; a slice (train[:1000]) for files too
     eval_split: str = "test"
+    columns: Columns = field(default_factory=Columns)  # other column names for prompt, chosen, rejected
+    chat_template: str = "auto"  # auto (the tokenizer's), none (text as it is, EOS after it), chatml, or a .jinja file
+    system_prompt: Optional[str] = None  # a system turn added to every templated prompt that has none
     max_length: int = 512  # prompt + completion tokens, per sequence
     max_prompt_length: int = 256  # prompts are cut from the left to this many tokens first
+    num_proc: Optional[int] = None  # tokenizing processes; null: the machine's cores (at most 8)
 
 
 @dataclass
@@ -93,7 +128,11 @@ class TrainConfig:
     layout: Layout = "packed"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     compile: bool = False  # torch.compile the policy (inductor, dynamic shapes); the first steps compile
-    report_to: Tracker = "none"  # also log metrics to an Accelerate tracker, under {output_dir}/tracking
+    report_to: Union[Tracker, list[Tracker]] = "none"  # Accelerate trackers to log metrics to, one or a list
+    project: str = "dpo-train"  # the tracker's project (wandb, comet_ml, ...) or experiment (mlflow)
+    run_name: Optional[str] = None  # the run's name in the tracker; null: the tracker's own choice
+    push_to_hub: Optional[str] = None  # a hub repo id: upload final/ there after the local save
+    hub_private: bool = False  # create that repo private
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
 
 
@@ -144,7 +183,7 @@ def _build(cls, raw, prefix: str, path: Path):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: {prefix.rstrip('.')}: must be a mapping, got {type(raw).__name__}")
+        raise _WrongType(f"{path}: {prefix.rstrip('.')}: must be a mapping, got {type(raw).__name__}", prefix.rstrip("."))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
@@ -163,10 +202,25 @@ def _build(cls, raw, prefix: str, path: Path):
 def _coerce(value, hint, key: str, path: Path):
     """Return `value` as type `hint`, or raise ConfigError naming the key."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # Optional[X]
-        if value is None:
+    if dataclasses.is_dataclass(hint):  # a mapping inside a list (a data source)
+        return _build(hint, value, key + ".", path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key, path)
+        options = [a for a in args if a is not type(None)]
+        # The option shaped like the value (a list, a mapping, a scalar) is tried first, so that its error,
+        # the one that names the real problem (an unknown key inside, a value out of a list), is reported.
+        options.sort(key=lambda option: _shape(option) != _shape(value))
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, key, path)
+            except ConfigError as e:
+                errors.append(e)
+        specific = [e for e in errors if not (isinstance(e, _WrongType) and e.key == key)]
+        if specific:
+            raise specific[0]
+        raise _WrongType(f"{path}: {key}: expected {_kind(hint)}, got {value!r}", key)
     if origin is list:  # a single value stands for a one-item list
         return [_coerce(v, args[0], f"{key}[{i}]", path) for i, v in enumerate(value if isinstance(value, list) else [value])]
     if origin is Literal:
@@ -184,7 +238,33 @@ def _coerce(value, hint, key: str, path: Path):
             pass
     if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"{path}: {key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise _WrongType(f"{path}: {key}: expected {_kind(hint)}, got {value!r}", key)
+
+
+def _shape(hint_or_value) -> str:
+    """'list', 'mapping' or 'scalar', for a type hint or a value."""
+    if isinstance(hint_or_value, list) or typing.get_origin(hint_or_value) is list:
+        return "list"
+    return "mapping" if isinstance(hint_or_value, dict) or dataclasses.is_dataclass(hint_or_value) else "scalar"
+
+
+def _kind(hint) -> str:
+    """A type hint in words, for --help and errors: 'str or list of (str or {path, split, ...})'."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin is list:
+        inner = _kind(args[0])
+        return f"list of ({inner})" if " " in inner else f"list of {inner}"
+    if origin in (typing.Union, types.UnionType):
+        if len(args) == 2 and typing.get_args(args[1]) == (args[0],):  # Union[X, list[X]]
+            return f"{_kind(args[0])}; one or a list"
+        return " or ".join(_kind(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if dataclasses.is_dataclass(hint):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _validate(config: Config, path: Path) -> None:
@@ -198,6 +278,26 @@ def _validate(config: Config, path: Path) -> None:
             setattr(l, key, LOSS_DEFAULTS_BY_TYPE.get(l.type, {}).get(key, default))
     check(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)
     check(bool(d.train), "data.train", "is required", d.train)
+    for name in ("train", "eval"):
+        d_sources = getattr(d, name)
+        if isinstance(d_sources, list):  # a mixture: every item a full mapping, so the run can record its rows
+            setattr(d, name, [Source(path=s) if isinstance(s, str) else s for s in d_sources])
+            check(bool(d_sources), f"data.{name}", "must name at least one source", d_sources)
+            for i, source in enumerate(getattr(d, name)):
+                _check_source(source, f"data.{name}[{i}]", check)
+    check(d.chat_template in ("auto", "none", *SHIPPED_TEMPLATES) or Path(d.chat_template).is_file(),
+          "data.chat_template", f"must be auto, none, {', '.join(SHIPPED_TEMPLATES)} or an existing Jinja file",
+          d.chat_template)
+    check(d.system_prompt is None or d.chat_template != "none", "data.system_prompt",
+          "needs a chat template to add a system turn to (data.chat_template is none)", d.system_prompt)
+    check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "must be >= 1 or null", d.num_proc)
+    trackers = t.report_to if isinstance(t.report_to, list) else [t.report_to]
+    check("none" not in trackers or len(trackers) == 1, "train.report_to", "none cannot be listed with trackers",
+          t.report_to)
+    check(bool(t.project), "train.project", "must not be empty", t.project)
+    if t.push_to_hub is not None:
+        check(_is_repo_id(t.push_to_hub), "train.push_to_hub", "must be a hub repo id, NAME or OWNER/NAME",
+              t.push_to_hub)
     check(bool(t.output_dir), "train.output_dir", "is required", t.output_dir)
     check(l.beta > 0, "loss.beta", "must be > 0", l.beta)
     check(t.learning_rate >= 0, "train.learning_rate", "must be >= 0", t.learning_rate)
@@ -228,6 +328,22 @@ def _validate(config: Config, path: Path) -> None:
           "must be unset with LoRA: the reference is the policy with its adapter switched off", m.ref_name_or_path)
 
 
+def _check_source(source: Source, key: str, check) -> None:
+    check(bool(source.path), f"{key}.path", "is required", source.path)
+    take = source.take
+    if isinstance(take, int):
+        check(take >= 1, f"{key}.take", "a row count must be >= 1", take)
+    elif take is not None:
+        check(0 < take <= 1, f"{key}.take", "a fraction must be in (0, 1]", take)
+    check(source.rows is None or source.rows >= 1, f"{key}.rows", "must be >= 1 or null", source.rows)
+
+
+def _is_repo_id(text: str) -> bool:
+    """OWNER/NAME or NAME, as the hub allows them (letters, digits, '-', '_', '.')."""
+    return bool(re.fullmatch(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}", text)) and ".." not in text and \
+        not text.startswith(("-", ".")) and not text.endswith(".")
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
@@ -240,12 +356,5 @@ def describe(cls=Config, prefix: str = "") -> str:
             lines.append(describe(hint, f"{prefix}{f.name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin is Literal:
-            kind = " | ".join(args)
-        elif origin is list:
-            kind = f"list of {args[0].__name__}"
-        else:
-            kind = " or ".join("null" if a is type(None) else a.__name__ for a in args or (hint,))
-        lines.append(f"{prefix}{f.name}  ({kind}, default {default!r})")
+        lines.append(f"{prefix}{f.name}  ({_kind(hint)}, default {default!r})")
     return "\n".join(lines)

@@ -24,12 +24,13 @@ from .card import model_card
 from .checkpoint import (STATE, StopSignals, Stopped, complete_checkpoints, resume_point, save_checkpoint,
                          save_final)
 from .config import Config, save_config
-from .data import COLLATES, build_dataset
+from .data import COLLATES, build_dataset, settings, with_rows
 from .evaluate import exact_match, generate, metrics_table, preference_metrics
 from .logps import policy_and_reference_logps
 from .losses import REFERENCE_FREE, objective
 from .metrics import MetricsLog, add, means, pair_metrics
-from . import attention, reference as precomputed
+from . import attention, reference as precomputed, templates
+from .rows import as_given
 from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, load_policy_and_reference,
                      load_tokenizer, place_reference)
 
@@ -95,6 +96,15 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
                               project_dir=Path(t.output_dir) / "tracking")
     log = accelerator.print
     out, checkpoints = Path(t.output_dir), Path(t.output_dir) / "checkpoints"
+    with accelerator.main_process_first():  # the first process fills the GGUF and datasets caches
+        tokenizer = load_tokenizer(m.name_or_path)
+        templates.adopt(tokenizer, d.chat_template)  # final/ keeps the template the data was rendered with
+        tokenize = partial(build_dataset, tokenizer=tokenizer, **settings(d, t.seed))
+        train_set, _, train_stats = tokenize(d.train, d.train_split, key="data.train")
+        eval_set, eval_rows, eval_stats = (tokenize(d.eval, d.eval_split, key="data.eval") if d.eval
+                                           else (None, None, None))
+    # A mixture's rows per source go into config.yaml, so that the resume check below covers the mix.
+    d.train, d.eval = with_rows(d.train, train_stats), with_rows(d.eval, eval_stats)
     start = resume_point(out, resume, force_resume, config.to_dict(), log)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -106,12 +116,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
         if start is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
 
-    with accelerator.main_process_first():  # the first process fills the GGUF and datasets caches
-        tokenizer = load_tokenizer(m.name_or_path)
-        tokenize = partial(build_dataset, tokenizer=tokenizer, max_length=d.max_length,
-                           max_prompt_length=d.max_prompt_length)
-        train_set, _, train_stats = tokenize(d.train, d.train_split)
-        eval_set, eval_rows, eval_stats = tokenize(d.eval, d.eval_split) if d.eval else (None, None, None)
+    with accelerator.main_process_first():  # the first process fills the GGUF cache
         # The reference always comes from the original model, never from a checkpoint.
         lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
         policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
@@ -259,6 +264,7 @@ def final_evaluation(accelerator, policy, reference, eval_loader, evaluate, toke
             outputs = generate(accelerator.unwrap_model(model), tokenizer, eval_set["prompt_ids"], max_new_tokens)
             results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
             results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
-                                         zip(eval_rows["prompt"][:5], eval_rows["answer"][:5], outputs[:5])]
+                                         zip(map(as_given, eval_rows["prompt"][:5], eval_rows["text"][:5]),
+                                             eval_rows["answer"][:5], outputs[:5])]
     accelerator.print("\n".join([f"Held-out evaluation on {len(eval_set)} pairs", *metrics_table(results)]))
     return results
