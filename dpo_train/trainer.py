@@ -29,7 +29,8 @@ from .evaluate import exact_match, generate, metrics_table, preference_metrics
 from .logps import policy_and_reference_logps
 from .losses import REFERENCE_FREE, objective
 from .metrics import MetricsLog, add, means, pair_metrics
-from . import attention, reference as precomputed, templates
+from . import attention, hub, reference as precomputed, templates, tracking
+from .extras import require_packages
 from .rows import as_given
 from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, load_policy_and_reference,
                      load_tokenizer, place_reference)
@@ -76,11 +77,6 @@ def last_checkpoint(root: Path) -> str:
     return str(found[-1]) if found else "none (set train.save_every to keep some)"
 
 
-def flat(tree: dict) -> dict:
-    """{'train': {'seed': 1}} -> {'train.seed': 1}, with None as a string: what trackers accept."""
-    return {f"{section}.{k}": ("null" if v is None else v) for section, values in tree.items() for k, v in values.items()}
-
-
 def train(config: Config, resume: str | None = None, force_resume: bool = False) -> dict:
     """Run one DPO training job; returns the final held-out metrics (empty without eval data).
 
@@ -89,10 +85,11 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     """
     m, d, l, t = config.model, config.data, config.loss, config.train
     # --- setup ---
+    require_packages(config)  # a tracker, peft or deepspeed that is missing: one line, before anything loads
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
                               cpu=not torch.accelerator.is_available(),  # lets torchrun on CPU use gloo
-                              log_with=None if t.report_to == "none" else t.report_to,
+                              log_with=tracking.trackers(t.report_to) or None,
                               project_dir=Path(t.output_dir) / "tracking")
     log = accelerator.print
     out, checkpoints = Path(t.output_dir), Path(t.output_dir) / "checkpoints"
@@ -159,8 +156,7 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
     loss_fn = objective(l.type, l.beta, l.label_smoothing, l.gamma, l.sft_weight)
     evaluate = partial(preference_metrics, accelerator, loss_fn=loss_fn)
     metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
-    if t.report_to != "none":
-        accelerator.init_trackers("dpo-train", config=flat(config.to_dict()))
+    tracking.start(accelerator, config)
     state = {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0}  # batches_done: micro-batches into `epoch`
     if start is not None:
         accelerator.load_state(start)  # weights, optimizer, scheduler, RNG states of every process
@@ -250,6 +246,8 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
                merged=m.lora.save_merged)
     log(f"Saved the trained policy and tokenizer to {out / 'final'}")
     accelerator.end_training()
+    if t.push_to_hub and accelerator.is_main_process:  # after the local save: a failed upload loses nothing
+        log(f"Uploaded {out / 'final'} to {t.push_to_hub}: {hub.push(out / 'final', t.push_to_hub, t.hub_private)}")
     return results
 
 
