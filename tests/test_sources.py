@@ -127,3 +127,44 @@ def test_two_processes_tokenize_the_same_pairs_from_the_cache_and_report_bad_row
         build_dataset(path, "train", tokenizer, 64, 32, num_proc=2)
     assert str(e.value) == (f"{path}: row 35 (0-based): field 'prompt' differs from the user turn that 'chosen' and "
                             "'rejected' repeat (first difference at character 3: '35+2=' vs '35+1=')")
+
+
+def test_a_runs_mixture_is_kept_in_its_config_and_checked_on_resume(tmp_path, tiny_data, monkeypatch):
+    """A base model (no chat template) trained with the shipped chatml template on a mixture: the rows
+    each source gave go into config.yaml, final/ keeps the template, and a source that now gives
+    other rows stops the resume before any model loads."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from conftest import make_model
+    from dpo_train.checkpoint import CheckpointError
+    from dpo_train.config import load_config
+    from dpo_train.templates import CHATML
+    from dpo_train.trainer import train
+
+    base = tmp_path / "base"
+    tokenizer = make_tokenizer(chat_template=None)
+    make_model(len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    extra = tmp_path / "extra.jsonl"
+    write_jsonl(extra, [{"prompt": f"{i}*1=", "chosen": str(i), "rejected": "0"} for i in range(1, 9)])
+    config = tmp_path / "mix.yaml"
+    config.write_text(f"model: {{name_or_path: {base}}}\n"
+                      f"data: {{train: [{{path: {tiny_data[0]}, take: 0.5}}, {extra}], chat_template: chatml, "
+                      "max_length: 64, max_prompt_length: 48}\n"
+                      f"train: {{output_dir: {tmp_path / 'run'}, max_steps: 2, save_every: 1, per_device_batch_size: 4}}\n")
+    train(load_config(config))
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["train"]
+    assert [(s["path"], s["take"], s["rows"]) for s in saved] == [(tiny_data[0], 0.5, 24), (str(extra), None, 8)]
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "final").chat_template == CHATML
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model loaded")
+    monkeypatch.setattr("dpo_train.trainer.load_policy_and_reference", forbidden)
+    original = extra.read_text()
+    extra.write_text(original * 2)  # the source grew: 16 rows where the checkpoint's run had 8
+    with pytest.raises(CheckpointError, match=r"differs from the checkpoint's in data\.train, which changes"):
+        train(load_config(config), resume="auto")
+    extra.write_text(original)  # the data of the checkpoint's run: the resume goes ahead, to the model
+    with pytest.raises(AssertionError, match="the model loaded"):
+        train(load_config(config), resume="auto")
