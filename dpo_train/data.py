@@ -115,8 +115,9 @@ def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_lengt
     dropped = {why: reasons.count(why) for why in sorted(set(reasons) - {""})}
     keep = [i for i, why in enumerate(reasons) if not why]
     kept = tokenized.select(keep)
+    implicit = [source.pop("implicit") for source in sources]
     stats = DataStats(len(tokenized), len(keep), sum(tokenized["prompt_truncated"]),
-                      sum(tokenized["completion_truncated"]), dropped, any(s.pop("implicit") for s in sources),
+                      sum(tokenized["completion_truncated"]), dropped, any(implicit),
                       {part: list(kept[f"{part}_full_length"]) for part in FIELDS}, sources)
     if not keep:
         raise DataError(f"{spec if isinstance(spec, str) else key or 'data'}: no usable pairs remain ({stats})")

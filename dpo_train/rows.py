@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 FIELDS = ("prompt", "chosen", "rejected")
+CHECK_BATCH = 1000  # rows of conversations turned into Python objects at a time, to check them
 
 
 class DataError(ValueError):
@@ -55,19 +56,30 @@ def value_problem(value) -> str | None:
 
 def first_problem(rows: datasets.Dataset, key: str) -> tuple[int, str] | None:
     """(row, problem) for the first bad value of column `key`, or None. String columns (the
-    usual case) are checked with vectorised Arrow kernels; conversations one row at a time."""
+    usual case) are checked with vectorised Arrow kernels; conversations one row at a time. Both
+    go a piece at a time, so that no copy of a whole column is ever held in memory."""
     column = rows.with_format("arrow")[key]
     if pa.types.is_null(column.type):
         return 0, "is null or missing"
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return next(((i, why) for i, why in enumerate(map(value_problem, rows[key])) if why), None)
+        for start, batch in enumerate(rows.select_columns([key]).iter(batch_size=CHECK_BATCH)):
+            found = next(((i, why) for i, why in enumerate(map(value_problem, batch[key])) if why), None)
+            if found:
+                return start * CHECK_BATCH + found[0], found[1]
+        return None
     try:
         column.validate(full=True)  # datasets loads JSON strings without checking their UTF-8
     except pa.ArrowInvalid:
         as_bytes = column.cast(pa.binary()).to_pylist()
         return next(i for i, b in enumerate(as_bytes) if b is not None and not is_utf8(b)), "is not valid UTF-8 text"
     null = pc.index(pc.is_null(column), True).as_py()  # -1 when there is none
-    blank = pc.index(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), False), True).as_py()
+    blank, offset = -1, 0
+    for chunk in column.chunks:  # a trimmed copy of the whole column would cost its size in memory
+        found = pc.index(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(chunk), ""), False), True).as_py()
+        if found >= 0:
+            blank = offset + found
+            break
+        offset += len(chunk)
     return min(((i, why) for i, why in ((null, "is null or missing"), (blank, "is an empty string")) if i >= 0),
                default=None)
 

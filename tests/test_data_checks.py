@@ -172,3 +172,18 @@ def test_rows_sharing_no_prefix_name_the_row(tmp_path):
     rows = [{"chosen": "Human: a Assistant: b", "rejected": "Human: a Assistant: c"}, {"chosen": "yes", "rejected": "no"}]
     assert "row 1 (0-based): no 'prompt' field, and 'chosen' and 'rejected' share no leading text" in error(
         write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def test_checks_go_a_piece_at_a_time_and_still_name_the_row(tmp_path):
+    """Columns are checked piece by piece (Arrow chunks, batches of conversations); a bad value far
+    into a large file is still found, at its own row."""
+    rows = [dict(GOOD) for _ in range(2500)]
+    rows[2345] = {**GOOD, "prompt": " \t"}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert datasets.load_dataset("json", data_files=path, split="train").data.column("prompt").num_chunks > 1  # premise
+    assert error(path).endswith(": row 2345 (0-based): field 'prompt' is an empty string")
+    chat = [{"role": "user", "content": "hi"}]
+    rows = [{"prompt": chat, "chosen": "a", "rejected": "b"} for _ in range(2500)]
+    rows[2100] = {"prompt": [{"role": "user", "content": " "}], "chosen": "a", "rejected": "b"}
+    assert error(write_jsonl(tmp_path / "c.jsonl", rows)).endswith(
+        ": row 2100 (0-based): field 'prompt' message 0 has empty content")

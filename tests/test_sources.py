@@ -67,7 +67,8 @@ def test_a_mixture_takes_rows_under_the_seed_and_counts_them(tmp_path):
     # the draw: numpy's default_rng([seed, source index]), without replacement, kept in file order
     draw = lambda seed, index, n, k: sorted(np.random.default_rng([seed, index]).choice(n, k, replace=False).tolist())
     assert prompts(kept) == [f"p{i}" for i in draw(0, 0, 10, 4)] + [f"q{i}" for i in draw(0, 1, 40, 10)]
-    assert [(s["path"], s["available"], s["rows"], s["kept"]) for s in stats.sources] == [(a, 10, 4, 4), (b, 40, 10, 10)]
+    assert stats.sources == [{"path": a, "split": "train", "available": 10, "rows": 4, "kept": 4},
+                             {"path": b, "split": "train", "available": 40, "rows": 10, "kept": 10}]
     assert "sources: " + a + " 4 of 10 rows (4 kept), " + b + " 10 of 40 rows (10 kept)" in str(stats)
     assert prompts(build(0)[1]) == prompts(kept) and prompts(build(1)[1]) != prompts(kept)  # the seed decides
     assert [s.rows for s in with_rows(mix, stats)] == [4, 10] and mix[0].rows is None  # recorded in a copy
