@@ -63,11 +63,10 @@ def render(pair: dict, tokenizer, template: str, system_prompt: str | None = Non
     the prompt ends with the template's generation header, and each completion is what the
     template adds after it once the answer's turns follow."""
     prompt = with_system(pair["prompt"], system_prompt)
-    prompt_text = tokenizer.apply_chat_template(prompt, chat_template=template, tokenize=False,
-                                                add_generation_prompt=True)
+    prompt_text = apply(tokenizer, template, prompt, add_generation_prompt=True)
     completions = []
     for key in ("chosen", "rejected"):
-        full = tokenizer.apply_chat_template(prompt + pair[key], chat_template=template, tokenize=False)
+        full = apply(tokenizer, template, prompt + pair[key])
         if not full.startswith(prompt_text):
             at = next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b), min(len(prompt_text), len(full)))
             raise DataError(
@@ -76,3 +75,16 @@ def render(pair: dict, tokenizer, template: str, system_prompt: str | None = Non
                 "to continue the prompt as generation would: check the row's roles, or set data.chat_template")
         completions.append(full[len(prompt_text):])
     return prompt_text, completions[0], completions[1]
+
+
+def apply(tokenizer, template: str, turns: list[dict], add_generation_prompt: bool = False) -> str:
+    """The template's text for `turns`; a template that refuses them (Jinja's raise_exception, as
+    for a system turn a model does not support) is a DataError, one line, not a traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        roles = ", ".join(t["role"] for t in turns)
+        raise DataError(f"the chat template refuses these turns ({roles}): {str(e).splitlines()[0]}") from None

@@ -125,3 +125,17 @@ def test_check_data_reports_each_source_of_a_mixture(tmp_path, tiny_model_dir):
     assert f"train: a mixture of 2 sources\n  [0] {strings} (train): 4 of its 8 rows, 4 kept\n  [1] {chats} (train): " \
            "3 of its 3 rows, 3 kept\n  rows 7: kept 7, dropped 0\n" in out
     assert f"example (the first kept pair of [0] {strings})" in out and f"example (the first kept pair of [1] {chats})" in out
+
+
+def test_a_template_that_refuses_a_turn_is_one_line(tmp_path, base_model_dir):
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                      "supported') }}{% endif %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "1+2=", "chosen": "3", "rejected": "four"}])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name_or_path: {base_model_dir}}}\ndata: {{train: {train}, chat_template: {strict}, "
+                      "system_prompt: Be brief.}\ntrain: {output_dir: o}\n")
+    result = CliRunner().invoke(app, ["check-data", "--config", str(config)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {train}: row 0 (0-based): the chat template refuses these turns (system, user): System role not supported")
