@@ -28,7 +28,8 @@ STATE = "trainer_state.json"
 # Keys that do not change the math of training: a resumed run may change these freely.
 SAFE_TO_CHANGE = {"train.output_dir", "train.eval_every", "train.save_every", "train.keep_last", "train.log_every",
                   "train.eval_max_new_tokens", "train.num_threads", "train.collective_timeout", "data.eval",
-                  "data.eval_split"}
+                  "data.eval_split", "data.num_proc", "train.report_to", "train.project", "train.run_name",
+                  "train.push_to_hub", "train.hub_private"}
 
 
 class CheckpointError(RuntimeError):

@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 from .config import describe
 
 EXIT_CODES = ("Exit codes: 0 done; 1 unexpected error; 2 config, data, model or checkpoint error (one line); "
+              "3 trained and saved in final/, but the upload to the hub (train.push_to_hub) failed (one line); "
               "75 stopped by SIGTERM/SIGINT after saving a checkpoint; 130 aborted by a second Ctrl-C.")
 # "\b" tells click to keep the following lines as they are instead of re-wrapping them.
 CONFIG_KEYS = "Config keys (type, default); README.md says what each does:\n\n\b\n" + describe()
@@ -38,7 +39,7 @@ app = typer.Typer(
          "Check the data without training, plot a run, evaluate a trained model:\n"
          "  dpo-train check-data --config CONFIG.yaml [KEY=VALUE]...\n"
          "  dpo-train plot RUN_DIR\n"
-         "  dpo-train eval --model DIR --ref DIR --data PATH")
+         "  dpo-train eval --model RUN_DIR [--data PATH]    or    dpo-train eval --model DIR --ref DIR --data PATH")
 
 CONFIG = typer.Option(..., "--config", "-c", help="YAML file with sections model, data, loss, train.")
 OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...",
@@ -96,6 +97,7 @@ def train(
     """
     from .checkpoint import Stopped
     from .config import load_config
+    from .hub import EXIT_CODE as HUB_EXIT_CODE, HubError
 
     try:
         cfg = load_config(config, overrides or [])
@@ -106,6 +108,9 @@ def train(
     except Stopped as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(75)  # EX_TEMPFAIL: a scheduler may requeue the job with --resume auto
+    except HubError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(HUB_EXIT_CODE)  # the run is complete locally: not a failure to retrain for
     except KeyboardInterrupt:
         typer.echo("aborted by a second Ctrl-C; nothing saved since the last checkpoint", err=True)
         raise typer.Exit(130)
@@ -152,38 +157,55 @@ def plot(
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Option(..., "--model", help="The trained model: a Hugging Face directory (a run's final/), "
-                                                   "hub id or .gguf file; its tokenizer is used."),
-    ref: str = typer.Option(..., "--ref", help="The frozen reference it is compared with (usually the model "
-                                               "training started from)."),
-    data: str = typer.Option(..., "--data", help="Preference pairs: .jsonl/.json/.parquet file, dataset "
-                                                 "directory or hub id; rows with an `answer` get exact-answer accuracy."),
-    split: str = typer.Option("test", help="Split of a dataset directory or hub dataset."),
-    beta: float = typer.Option(0.1, help="The DPO beta of the rewards, beta * (log model - log ref)."),
-    max_length: int = typer.Option(512, min=2, help="Tokens per sequence, prompt + one completion."),
-    max_prompt_length: int = typer.Option(256, min=1, help="Prompt tokens kept (cut from the left)."),
+    model: str = typer.Option(..., "--model", help="The trained model: a run directory (its final/ is loaded and "
+                                                   "its config.yaml read), a Hugging Face directory, hub id or "
+                                                   ".gguf file; its tokenizer is used."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="The frozen reference it is compared with (usually the "
+                                                          "model training started from); default: the run's."),
+    data: Optional[str] = typer.Option(None, "--data", help="Preference pairs: .jsonl/.json/.parquet file, dataset "
+                                                            "directory or hub id; rows with an `answer` get "
+                                                            "exact-answer accuracy. Default: the run's eval data."),
+    split: Optional[str] = typer.Option(None, help="Split of a dataset directory or hub dataset (slices too: "
+                                                   "test[:500]); default: the run's, else test."),
+    loss_type: Optional[str] = typer.Option(None, "--loss-type", help="sigmoid, ipo, hinge, robust or simpo; "
+                                                                      "default: the run's, else sigmoid."),
+    beta: Optional[float] = typer.Option(None, help="The beta of the rewards, beta * (log model - log ref); "
+                                                    "default: the run's, else 0.1."),
+    max_length: Optional[int] = typer.Option(None, min=2, help="Tokens per sequence, prompt + one completion; "
+                                                               "default: the run's, else 512."),
+    max_prompt_length: Optional[int] = typer.Option(None, min=1, help="Prompt tokens kept (cut from the left); "
+                                                                      "default: the run's, else 256."),
     batch_size: int = typer.Option(4, min=1, help="Pairs per forward pass."),
     max_new_tokens: int = typer.Option(32, min=0, help="Greedy tokens per generation; 0 generates nothing."),
     examples: int = typer.Option(3, min=0, help="Prompts whose generations are shown."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file; "
-                                                                  "'-' prints JSON instead of the table."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file "
+                                                                  "(its folder is created); '-' prints JSON instead "
+                                                                  "of the table."),
 ) -> None:
     """Compare a trained model with its reference on preference pairs: reward accuracy and margin,
     log-prob accuracy and loss, exact-answer accuracy when rows carry an `answer`, and greedy
-    generations of both for the first few prompts. Prints a table; --json writes the same as JSON."""
+    generations of both for the first few prompts. Given a run directory, its config.yaml supplies
+    the reference, eval data, loss and lengths that options do not. Prints a table; --json writes
+    the same as JSON."""
     import json
+    import typing
 
-    for bad, why in ((beta <= 0, f"--beta must be > 0, got {beta}"),
-                     (max_prompt_length >= max_length, f"--max-prompt-length ({max_prompt_length}) must be < "
-                                                       f"--max-length ({max_length}) so every completion keeps a token"),
+    from .config import LossType
+
+    for bad, why in ((beta is not None and beta <= 0, f"--beta must be > 0, got {beta}"),
+                     (loss_type is not None and loss_type not in typing.get_args(LossType),
+                      f"--loss-type must be one of {', '.join(typing.get_args(LossType))}, got {loss_type}"),
                      (dtype not in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16, got {dtype}")):
         if bad:
             fail(why)
     try:
-        from .evaluate import evaluate_models, format_report
-        result = evaluate_models(model, ref, data, split, beta, max_length, max_prompt_length, batch_size,
-                                 max_new_tokens, examples, dtype)
+        from .evaluate import eval_settings, evaluate_models, format_report
+        settings = eval_settings(model, ref, data, split, loss_type, beta, max_length, max_prompt_length)
+        if settings.max_prompt_length >= settings.max_length:
+            fail(f"--max-prompt-length ({settings.max_prompt_length}) must be < --max-length ({settings.max_length}) "
+                 "so every completion keeps a token")
+        result = evaluate_models(settings, batch_size, max_new_tokens, examples, dtype)
     except user_errors() as e:
         fail(e)
     if json_path and str(json_path) == "-":
@@ -191,5 +213,6 @@ def evaluate(
         return
     typer.echo(format_report(result))
     if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
         typer.echo(f"\nwrote {json_path}")

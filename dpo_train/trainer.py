@@ -20,12 +20,13 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import attention, engines, reference as precomputed
+from . import attention, engines, hub, reference as precomputed, templates, tracking
 from .card import model_card
 from .checkpoint import STATE, StopSignals, Stopped, complete_checkpoints, resume_point, save_checkpoint, save_final
 from .config import Config, save_config
-from .data import COLLATES, build_dataset
+from .data import COLLATES, build_dataset, settings, with_rows
 from .evaluate import final_evaluation, preference_metrics
+from .extras import require_packages
 from .logps import head_inside, policy_and_reference_logps
 from .objective import Objective
 from .metrics import MetricsLog, add, means, pair_metrics, peak_memory_mb, reset_peak_memory
@@ -102,10 +103,22 @@ def train(config: Config, resume: str | None = None, force_resume: bool = False)
 def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     """Accelerator, data, policy and reference, optimizer and schedule, checkpoint state."""
     m, d, l, t = config.model, config.data, config.loss, config.train
-    engines.check_config(config)  # what the launched engine cannot run stops here, before any model loads
-    accelerator = engines.build_accelerator(t.grad_accum_steps, None if t.report_to == "none" else t.report_to,
+    require_packages(config)  # a tracker or peft that is missing: one line, before anything loads
+    engines.check_config(config)  # and what the launched engine cannot run
+    accelerator = engines.build_accelerator(t.grad_accum_steps, tracking.trackers(t.report_to) or None,
                                             Path(t.output_dir) / "tracking", t.collective_timeout)
     log, out = accelerator.print, Path(t.output_dir)
+    with accelerator.local_main_process_first():  # the first process of each machine fills the GGUF and datasets caches
+        tokenizer = load_tokenizer(m.name_or_path)
+        templates.adopt(tokenizer, d.chat_template)  # final/ keeps the template the data was rendered with
+        if m.ref_name_or_path:
+            hf_dir(m.ref_name_or_path)
+        tokenize = partial(build_dataset, tokenizer=tokenizer, **settings(d, t.seed))
+        train_set, _, train_stats = tokenize(d.train, d.train_split, key="data.train")
+        eval_set, eval_rows, eval_stats = (tokenize(d.eval, d.eval_split, key="data.eval") if d.eval
+                                           else (None, None, None))
+    # A mixture's rows per source go into config.yaml, so that the resume check covers the mix.
+    d.train, d.eval = with_rows(d.train, train_stats), with_rows(d.eval, eval_stats)
     start = resume_point(out, resume, force_resume, config.to_dict(), accelerator.num_processes, log)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -117,14 +130,6 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
         if start is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
 
-    with accelerator.local_main_process_first():  # the first process of each machine fills the GGUF and datasets caches
-        tokenizer = load_tokenizer(m.name_or_path)
-        if m.ref_name_or_path:
-            hf_dir(m.ref_name_or_path)
-        tokenize = partial(build_dataset, tokenizer=tokenizer, max_length=d.max_length,
-                           max_prompt_length=d.max_prompt_length)
-        train_set, _, train_stats = tokenize(d.train, d.train_split)
-        eval_set, eval_rows, eval_stats = tokenize(d.eval, d.eval_split) if d.eval else (None, None, None)
     log(f"train data: {train_stats}" + (f"\neval data: {eval_stats}" if eval_stats else ""))
     # Every process at once: under ZeRO-3 loading is collective (each process keeps its partition).
     # The reference always comes from the original model, never from a checkpoint.
@@ -165,8 +170,7 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(engines.stepping_optimizer(optimizer),
                                                   partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
     accelerator.register_for_checkpointing(scheduler)
-    if t.report_to != "none":
-        accelerator.init_trackers("dpo-train", config=flat(config.to_dict()))
+    tracking.start(accelerator, config)
     run = Run(config, accelerator, policy, reference, optimizer, scheduler,
               Objective(**vars(l)), train_loader, eval_loader,
               eval_set, eval_rows, tokenizer, {"train": train_stats, **({"eval": eval_stats} if eval_stats else {})},
@@ -299,9 +303,7 @@ def finish(run: Run) -> dict:
     save_final(accelerator, run.policy, run.tokenizer, run.out / "final", card, merged=m.lora.save_merged)
     run.log(f"Saved the trained policy and tokenizer to {run.out / 'final'}")
     accelerator.end_training()
+    if run.config.train.push_to_hub and accelerator.is_main_process:  # after the local save: a failed upload loses nothing
+        hub_id, private = run.config.train.push_to_hub, run.config.train.hub_private
+        run.log(f"Uploaded {run.out / 'final'} to {hub_id}: {hub.push(run.out / 'final', hub_id, private)}")
     return results
-
-
-def flat(tree: dict) -> dict:
-    """{'train': {'seed': 1}} -> {'train.seed': 1}, with None as a string: what trackers accept."""
-    return {f"{section}.{k}": ("null" if v is None else v) for section, values in tree.items() for k, v in values.items()}

@@ -2,9 +2,12 @@ import typing
 from pathlib import Path
 
 import pytest
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-from dpo_train.config import REFERENCE_FREE_TYPES, ConfigError, LossType, load_config, save_config
+from dpo_train.config import (REFERENCE_FREE_TYPES, SHIPPED_TEMPLATES, ConfigError, LossType, Source, Tracker,
+                              load_config, save_config)
 from dpo_train.losses import LOSSES, REFERENCE_FREE
+from dpo_train.templates import SHIPPED
 
 GOOD = """
 model: {name_or_path: some/model}
@@ -84,6 +87,25 @@ def test_overrides_are_typed_like_the_field(tmp_path):
     (GOOD, ["model.lora.save_merged=true"], "model.lora.save_merged"),
     (GOOD, ["model.lora.r=8", "model.ref_name_or_path=other/model"], "model.ref_name_or_path"),
     (GOOD, ["model.lora=3", "model.lora.r=8"], "model.lora"),
+    (GOOD, ["data.train=[]"], "data.train"),
+    (GOOD, ["data.train=[a.jsonl, {path: b.jsonl, tak: 3}]"], "unknown key data.train[1].tak"),
+    (GOOD, ["data.train=[{split: test}]"], "data.train[0].path"),
+    (GOOD, ["data.train=[{path: a, take: 0}]"], "data.train[0].take"),
+    (GOOD, ["data.train=[{path: a, take: 1.5}]"], "data.train[0].take"),
+    (GOOD, ["data.train=[{path: a, take: many}]"], "data.train[0].take"),
+    (GOOD, ["data.train=[{path: a, columns: {prompt: q, answer: a}}]"], "unknown key data.train[0].columns.answer"),
+    (GOOD, ["data.eval=[{path: a, rows: 0}]"], "data.eval[0].rows"),
+    (GOOD, ["data.train=[[a.jsonl]]"], "data.train[0]"),
+    (GOOD, ["data.columns.promt=q"], "unknown key data.columns.promt"),
+    (GOOD, ["data.chat_template=no-such-template"], "data.chat_template"),
+    (GOOD, ["data.chat_template=none", "data.system_prompt=Be brief."], "data.system_prompt"),
+    (GOOD, ["data.num_proc=0"], "data.num_proc"),
+    (GOOD, ["train.report_to=tensorbord"], "train.report_to"),
+    (GOOD, ["train.report_to=[wandb, mlfow]"], "train.report_to[1]"),
+    (GOOD, ["train.report_to=[none, wandb]"], "train.report_to"),
+    (GOOD, ["train.push_to_hub=not a repo"], "train.push_to_hub"),
+    (GOOD, ["train.push_to_hub=a/b/c"], "train.push_to_hub"),
+    (GOOD, ["train.hub_private=maybe"], "train.hub_private"),
 ])
 def test_errors_name_the_key_and_file(tmp_path, text, overrides, names):
     assert names in error(tmp_path, text, overrides)
@@ -154,3 +176,47 @@ def test_a_saved_config_loads_again(tmp_path):
     config = load_config(write(tmp_path, GOOD), ["loss.type=[exo_pair, discopop]", "loss.f_divergence=alpha_divergence"])
     save_config(config, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == config
+
+
+def test_trackers_and_templates_match_their_tables():
+    assert set(typing.get_args(Tracker)) - {"none"} == set(LOGGER_TYPE_TO_CLASS)  # what Accelerate knows
+    assert set(SHIPPED_TEMPLATES) == set(SHIPPED)
+
+
+def test_a_source_is_a_string_or_a_list_of_strings_and_mappings(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).data.train == "train.jsonl"  # one source stays a string
+    text = GOOD.replace("data: {train: train.jsonl}", """data:
+  train:
+    - a.jsonl
+    - {path: org/set, split: "train_prefs[:10%]", columns: {prompt: question}, take: 0.5}
+    - {path: c.parquet, take: 100}
+  columns: {chosen: response_j, rejected: response_k}""")
+    cfg = load_config(write(tmp_path, text))
+    a, b, c = cfg.data.train
+    assert a == Source(path="a.jsonl")  # a string item becomes a full mapping, so the run can record its rows
+    assert (b.path, b.split, b.columns.prompt, b.columns.chosen, b.take) == ("org/set", "train_prefs[:10%]", "question",
+                                                                            None, 0.5)
+    assert (c.take, type(c.take)) == (100, int) and (cfg.data.columns.chosen, cfg.data.columns.prompt) == ("response_j", None)
+    # a single mapping is a one-item mixture; an override gives a list
+    assert load_config(write(tmp_path, GOOD), ["data.train={path: x.jsonl, take: 5}"]).data.train == [Source("x.jsonl", take=5)]
+    assert [s.path for s in load_config(write(tmp_path, GOOD), ["data.eval=[e1.jsonl, e2.jsonl]"]).data.eval] == \
+        ["e1.jsonl", "e2.jsonl"]
+    save_config(cfg, tmp_path / "saved.yaml")  # what a run saves loads back the same
+    assert load_config(tmp_path / "saved.yaml").to_dict() == cfg.to_dict()
+
+
+def test_report_to_is_one_tracker_or_a_list(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).train.report_to == "none"
+    assert load_config(write(tmp_path, GOOD), ["train.report_to=wandb"]).train.report_to == "wandb"
+    cfg = load_config(write(tmp_path, GOOD), ["train.report_to=[tensorboard, mlflow]", "train.run_name=r1",
+                                              "train.push_to_hub=me/model", "train.hub_private=true"])
+    assert cfg.train.report_to == ["tensorboard", "mlflow"] and cfg.train.run_name == "r1"
+    assert (cfg.train.push_to_hub, cfg.train.hub_private, cfg.train.project) == ("me/model", True, "dpo-train")
+
+
+def test_chat_template_names_a_shipped_template_or_a_file(tmp_path):
+    assert load_config(write(tmp_path, GOOD), ["data.chat_template=chatml"]).data.chat_template == "chatml"
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    assert load_config(write(tmp_path, GOOD), [f"data.chat_template={tmp_path / 't.jinja'}"]).data.chat_template == \
+        str(tmp_path / "t.jinja")
+    assert load_config(write(tmp_path, GOOD), ["data.system_prompt=Be brief."]).data.system_prompt == "Be brief."

@@ -1,7 +1,7 @@
 import pytest
 
 from conftest import make_tokenizer, write_jsonl
-from dpo_train.data import IGNORE_INDEX, DataError, build_dataset, collate, render, tokenize_pair
+from dpo_train.data import IGNORE_INDEX, DataError, build_dataset, collate, tokenize_pair
 
 ROW = {"prompt": "1+2=", "chosen": "3", "rejected": "four"}
 
@@ -26,11 +26,12 @@ def test_conversational_rows_render_like_string_rows():
     assert tokenize_pair(conversation, tokenizer, 64, 32) == tokenize_pair(ROW, tokenizer, 64, 32)
 
 
-def test_without_chat_template_text_is_raw_and_conversations_are_refused():
+def test_without_chat_template_text_is_used_as_it_is_and_conversations_are_refused():
     tokenizer = make_tokenizer(chat_template=None)
-    assert render(ROW, tokenizer)[:3] == ("1+2=", "3", "four")
+    pair = tokenize_pair(ROW, tokenizer, 64, 32)
+    assert (pair["prompt_ids"], pair["chosen_ids"]) == (ids(tokenizer, "1+2="), ids(tokenizer, "3<|im_end|>"))
     with pytest.raises(DataError, match="chat template"):
-        render({"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}, tokenizer)
+        tokenize_pair({"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}, tokenizer, 64, 32)
 
 
 def test_labels_are_ignore_index_exactly_over_prompt_and_padding():
@@ -67,7 +68,8 @@ def test_build_dataset_drops_and_counts_unusable_pairs(tmp_path):
             {"prompt": "p", "chosen": "<|im_end|>", "rejected": "x"},  # nothing but the end-of-turn token
             {"prompt": "pq", "chosen": "abcdef", "rejected": "abcxyz"}]  # equal once cut to 5 - 2 = 3 tokens
     data, raw, stats = build_dataset(write_jsonl(tmp_path / "d.jsonl", rows), "train", make_tokenizer(None), 5, 2)
-    assert len(data) == len(raw) == 1 and stats.rows == 4 and stats.kept == 1 and raw[0] == ROW
+    assert len(data) == len(raw) == 1 and stats.rows == 4 and stats.kept == 1
+    assert raw[0] == {"prompt": [{"role": "user", "content": "1+2="}], "text": True}  # the internal form
     assert stats.dropped == {"chosen == rejected": 1, "chosen == rejected after truncation": 1, "empty completion": 1}
     assert data.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
     # one token per character, no BOS: the kept pair's counts before truncation are "1+2=", "3" + EOS, "four" + EOS

@@ -21,7 +21,7 @@ def error(source, tokenizer=None) -> str:
 
 def test_missing_field(tmp_path):
     rows = [{"prompt": "a", "chosen": "b"}]
-    assert "missing field 'rejected' (columns: prompt, chosen)" in error(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert "missing field 'rejected' (columns: prompt, chosen; data.columns maps other names)" in error(write_jsonl(tmp_path / "d.jsonl", rows))
 
 
 def test_misspelled_field_is_named_with_its_likely_spelling(tmp_path):
@@ -129,8 +129,8 @@ def test_hub_id_while_offline(monkeypatch):
 def test_conversations_need_a_chat_template(tmp_path):
     rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}]
     message = error(write_jsonl(tmp_path / "d.jsonl", rows), make_tokenizer(chat_template=None))
-    assert "row 0 (0-based): field 'prompt' is a conversation (a list of messages), which needs a tokenizer " \
-           "with a chat template" in message
+    assert message.endswith("row 0 (0-based): field 'prompt' is a conversation (a list of messages), which needs a "
+                            "chat template: the tokenizer has none, or data.chat_template is none")
 
 
 @pytest.mark.parametrize("chosen, rejected, expected", [
@@ -162,7 +162,8 @@ def test_implicit_prompt_datasets_tokenize_like_explicit_ones(tmp_path):
                 {"prompt": "\n\nHuman: 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " five"}]
     tokenizer = make_tokenizer(chat_template=None)
     data, rows, stats = build_dataset(write_jsonl(tmp_path / "hh.jsonl", hh), "train", tokenizer, 64, 32)
-    assert stats.implicit_prompts and stats.kept == 2 and rows["prompt"] == [r["prompt"] for r in explicit]
+    assert stats.implicit_prompts and stats.kept == 2 and rows["text"] == [True, True]
+    assert rows["prompt"] == [[{"role": "user", "content": r["prompt"]}] for r in explicit]
     assert list(data) == [{k: v for k, v in tokenize_pair(r, tokenizer, 64, 32).items() if k.endswith("_ids")}
                           for r in explicit]
 
@@ -171,3 +172,18 @@ def test_rows_sharing_no_prefix_name_the_row(tmp_path):
     rows = [{"chosen": "Human: a Assistant: b", "rejected": "Human: a Assistant: c"}, {"chosen": "yes", "rejected": "no"}]
     assert "row 1 (0-based): no 'prompt' field, and 'chosen' and 'rejected' share no leading text" in error(
         write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def test_checks_go_a_piece_at_a_time_and_still_name_the_row(tmp_path):
+    """Columns are checked piece by piece (Arrow chunks, batches of conversations); a bad value far
+    into a large file is still found, at its own row."""
+    rows = [dict(GOOD) for _ in range(2500)]
+    rows[2345] = {**GOOD, "prompt": " \t"}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert datasets.load_dataset("json", data_files=path, split="train").data.column("prompt").num_chunks > 1  # premise
+    assert error(path).endswith(": row 2345 (0-based): field 'prompt' is an empty string")
+    chat = [{"role": "user", "content": "hi"}]
+    rows = [{"prompt": chat, "chosen": "a", "rejected": "b"} for _ in range(2500)]
+    rows[2100] = {"prompt": [{"role": "user", "content": " "}], "chosen": "a", "rejected": "b"}
+    assert error(write_jsonl(tmp_path / "c.jsonl", rows)).endswith(
+        ": row 2100 (0-based): field 'prompt' message 0 has empty content")

@@ -228,7 +228,6 @@ def test_two_machines_simulated_on_localhost_match_one_process(runs):
 REFUSED = {
     "skip-under-deepspeed": ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["train.on_nonfinite=skip"],
                              "train.on_nonfinite: skip cannot run under DeepSpeed"),
-    "deepspeed-missing": ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "DeepSpeed, which is not installed: pip install deepspeed"),
     "fsdp-version-1": ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "FSDP version 1 is not supported"),
     "compile-under-fsdp": ({"ACCELERATE_USE_FSDP": "true"}, ["train.compile=true"], "train.compile has not run under FSDP"),
 }
@@ -239,9 +238,6 @@ def test_what_an_engine_cannot_run_stops_before_anything_loads(tmp_path, tiny_mo
     environment, overrides, message = REFUSED[case]
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
-    if case == "deepspeed-missing":
-        real = __import__("importlib").util.find_spec
-        monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     monkeypatch.setattr("dpo_train.trainer.load_policy_and_reference", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(EngineError, match=re.escape(message)):
         train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides))

@@ -96,3 +96,56 @@ def test_eval_refuses_a_reference_with_a_smaller_vocabulary(tmp_path, tiny_model
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path}: 50 token embeddings, fewer than the 105 tokens of {tiny_model_dir}'s tokenizer; "
         "model and reference must share it")
+
+
+def make_run(tmp_path, model_dir, ref_dir, eval_path, *overrides):
+    """A run directory as training leaves it: config.yaml beside final/ (here another tiny model)."""
+    import shutil
+
+    from dpo_train.config import load_config, save_config
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name_or_path: {ref_dir}}}\ndata: {{train: {eval_path}, eval: {eval_path}, "
+                      f"max_length: 40, max_prompt_length: 30}}\nloss: {{type: ipo, beta: 0.5}}\n"
+                      f"train: {{output_dir: {tmp_path / 'run'}}}\n")
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "final")
+    save_config(load_config(config, list(overrides)), run / "config.yaml")
+    return run
+
+
+def test_eval_of_a_run_directory_reads_its_config(tmp_path, tiny_model_dir, other_model_dir, tiny_data):
+    run = make_run(tmp_path, other_model_dir, tiny_model_dir, tiny_data[1])
+    out = tmp_path / "new" / "folder" / "eval.json"  # a folder that does not exist yet
+    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--max-new-tokens", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert (report["model"], report["reference"], report["data"]) == (str(run / "final"), str(tiny_model_dir), tiny_data[1])
+    assert (report["loss_type"], report["beta"], report["max_length"], report["max_prompt_length"]) == (["ipo"], 0.5, 40, 30)
+    assert report["run_config"] == str(run / "config.yaml")
+
+    # the IPO loss of the run, (h - 1/(2 beta))^2 with per-token mean log-ratios, worked out one pair at a time
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    model, ref = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (run / "final", tiny_model_dir))
+    losses = []
+    with torch.no_grad():
+        for row in map(json.loads, open(tiny_data[1])):
+            pair = tokenize_pair(row, tokenizer, 40, 30)
+            h = sum((naive_logp(model, pair["prompt_ids"], pair[side]) - naive_logp(ref, pair["prompt_ids"], pair[side]))
+                    * sign / len(pair[side]) for side, sign in (("chosen_ids", 1), ("rejected_ids", -1)))
+            losses.append((h - 1 / (2 * 0.5)) ** 2)
+    assert report["metrics"]["model"]["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    assert report["metrics"]["reference"]["loss"] == pytest.approx(1.0, abs=1e-6)  # h = 0: (0 - 1)^2
+
+    # options still win, and a run's final/ finds the config beside it
+    result = CliRunner().invoke(app, ["eval", "--model", str(run / "final"), "--loss-type", "sigmoid", "--beta", "0.2",
+                                      "--max-length", "64", "--max-new-tokens", "0", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["loss_type"], report["beta"], report["max_length"], report["max_prompt_length"]) == (["sigmoid"], 0.2, 64, 30)
+    assert report["metrics"]["reference"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_eval_without_a_run_needs_ref_and_data(tiny_model_dir, tiny_data):
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", tiny_data[1]])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --ref is required (or give --model a run directory whose config.yaml names it)")

@@ -1,0 +1,90 @@
+"""Chat templates: which one renders the data (`data.chat_template`), and rendering a row with it.
+
+- `auto`: the tokenizer's own template; a tokenizer without one gets the text as it is.
+- `none`: the text as it is, whatever the tokenizer has (TRL's convention for string data; see
+  `data.tokenize_text`). Conversations then have no meaning and are refused.
+- a shipped name (`chatml`) or a Jinja file: for a base model without a template. The run saves it
+  with the tokenizer in final/, so the trained model is chatted with as it was trained.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .rows import DataError
+
+# ChatML (<|im_start|>role\ncontent<|im_end|>\n), as SmolLM2, Qwen and others use it, without a default system turn.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SHIPPED = {"chatml": CHATML}  # keep in step with config.SHIPPED_TEMPLATES (a test checks)
+
+
+def resolve(setting: str, tokenizer) -> str | None:
+    """The Jinja template the data is rendered with, or None for text used as it is."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return tokenizer.chat_template
+    if setting in SHIPPED:
+        return SHIPPED[setting]
+    try:
+        return Path(setting).read_text()
+    except OSError as e:
+        raise DataError(f"data.chat_template: cannot read {setting} ({e.strerror})") from None
+
+
+def adopt(tokenizer, setting: str) -> None:
+    """Give the tokenizer the template `setting` names (a shipped one or a file), so that the
+    tokenizer saved in final/ renders chats as the model was trained; auto and none change nothing."""
+    if setting not in ("auto", "none"):
+        tokenizer.chat_template = resolve(setting, tokenizer)
+
+
+def describe(setting: str, template: str | None) -> str:
+    """How the data is rendered, in words, for check-data and the log."""
+    if template is None:
+        why = "data.chat_template: none" if setting == "none" else "the tokenizer has no chat template"
+        return f"no chat template ({why}): text as it is, EOS after each completion (TRL's convention)"
+    if setting == "auto":
+        return "the tokenizer's chat template"
+    return f"the {setting} chat template" if setting in SHIPPED else f"the chat template in {os.path.basename(setting)}"
+
+
+def with_system(prompt: list[dict], system_prompt: str | None) -> list[dict]:
+    """The prompt's turns, opened by a system turn holding `system_prompt` unless they have one."""
+    if not system_prompt or prompt[0]["role"] == "system":
+        return prompt
+    return [{"role": "system", "content": system_prompt}, *prompt]
+
+
+def render(pair: dict, tokenizer, template: str, system_prompt: str | None = None) -> tuple[str, str, str]:
+    """(prompt_text, chosen_text, rejected_text) of a row in the internal form (rows.normalise):
+    the prompt ends with the template's generation header, and each completion is what the
+    template adds after it once the answer's turns follow."""
+    prompt = with_system(pair["prompt"], system_prompt)
+    prompt_text = apply(tokenizer, template, prompt, add_generation_prompt=True)
+    completions = []
+    for key in ("chosen", "rejected"):
+        full = apply(tokenizer, template, prompt + pair[key])
+        if not full.startswith(prompt_text):
+            at = next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b), min(len(prompt_text), len(full)))
+            raise DataError(
+                f"field {key!r}: the chat template renders the prompt one way alone (ending {prompt_text[at:][:40]!r} "
+                f"at character {at}) and another once the answer follows ({full[at:][:40]!r}); DPO needs the answer "
+                "to continue the prompt as generation would: check the row's roles, or set data.chat_template")
+        completions.append(full[len(prompt_text):])
+    return prompt_text, completions[0], completions[1]
+
+
+def apply(tokenizer, template: str, turns: list[dict], add_generation_prompt: bool = False) -> str:
+    """The template's text for `turns`; a template that refuses them (Jinja's raise_exception, as
+    for a system turn a model does not support) is a DataError, one line, not a traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        roles = ", ".join(t["role"] for t in turns)
+        raise DataError(f"the chat template refuses these turns ({roles}): {str(e).splitlines()[0]}") from None
