@@ -185,6 +185,16 @@ def resume_point(output_dir: Path, resume: str | None, force: bool, config: dict
     return start
 
 
+def restore(accelerator, start: Path, metrics_log) -> dict:
+    """Load checkpoint `start` into the prepared objects (weights, optimizer, scheduler, the RNG states
+    of every process), drop the metrics records written after it; returns its trainer state."""
+    accelerator.load_state(start)
+    state = json.loads((start / STATE).read_text())
+    if accelerator.is_main_process:
+        metrics_log.truncate(state["metrics_bytes"])
+    return state
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ and that change the math of training."""
     keys = []

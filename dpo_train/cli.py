@@ -167,8 +167,9 @@ def evaluate(
                                                             "exact-answer accuracy. Default: the run's eval data."),
     split: Optional[str] = typer.Option(None, help="Split of a dataset directory or hub dataset (slices too: "
                                                    "test[:500]); default: the run's, else test."),
-    loss_type: Optional[str] = typer.Option(None, "--loss-type", help="sigmoid, ipo, hinge, robust or simpo; "
-                                                                      "default: the run's, else sigmoid."),
+    loss_type: Optional[str] = typer.Option(None, "--loss-type", help="One loss type of the README's table (sigmoid, "
+                                                                      "ipo, ...); default: the run's (its whole "
+                                                                      "loss section), else sigmoid."),
     beta: Optional[float] = typer.Option(None, help="The beta of the rewards, beta * (log model - log ref); "
                                                     "default: the run's, else 0.1."),
     max_length: Optional[int] = typer.Option(None, min=2, help="Tokens per sequence, prompt + one completion; "

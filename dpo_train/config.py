@@ -168,19 +168,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"{path}: override {item!r} must look like section.key=value")
-        *parents, name = key.split(".")
-        node = raw
-        for depth, part in enumerate(parents):  # model.lora.r=16 reaches into nested mappings
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"{path}: {'.'.join(parents[:depth + 1])}: must be a mapping")
-            node = node[part]
-        node[name] = yaml.safe_load(value) if value else ""
+    typed.apply_overrides(raw, overrides, path)
     config = typed.build(Config, raw, "", path)
     _validate(config, path)
     return config
@@ -192,7 +180,7 @@ def _validate(config: Config, path: Path) -> None:
             raise ConfigError(f"{path}: {key}: {why}, got {value!r}")
 
     m, d, l, t = config.model, config.data, config.loss, config.train
-    _validate_loss(l, config.model, check)
+    validate_loss(l, config.model, check)
     check(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)
     check(bool(d.train), "data.train", "is required", d.train)
     for name in ("train", "eval"):
@@ -239,17 +227,7 @@ def _validate(config: Config, path: Path) -> None:
           "must be unset with LoRA: the reference is the policy with its adapter switched off", m.ref_name_or_path)
 
 
-def resolved_loss(**settings) -> LossConfig:
-    """A LossConfig with the settings left null resolved as a run's config resolves them (for eval)."""
-    def check(ok: bool, key: str, why: str, value) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {why}, got {value!r}")
-    loss = LossConfig(**settings)
-    _validate_loss(loss, ModelConfig(), check)
-    return loss
-
-
-def _validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
+def validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
     """Refuse loss settings that no listed loss type reads, then resolve the ones left null."""
     def used_by(key: str, value, readers) -> None:  # value: None when unset
         check(value is None or any(t in readers for t in l.type), f"loss.{key}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -76,6 +77,17 @@ def with_rows(spec, stats: DataStats | None):
     if not isinstance(spec, list) or stats is None:
         return spec
     return [dataclasses.replace(source, rows=given["rows"]) for source, given in zip(spec, stats.sources)]
+
+
+def train_and_eval_sets(data, tokenizer, seed: int) -> tuple:
+    """The config's `data` section built: (train set, eval set, eval rows, {split: DataStats}), the
+    eval entries None without data.eval. A mixture's rows per source are recorded in `data` (with_rows)."""
+    build = partial(build_dataset, tokenizer=tokenizer, **settings(data, seed))
+    train_set, _, train_stats = build(data.train, data.train_split, key="data.train")
+    eval_set, eval_rows, eval_stats = (build(data.eval, data.eval_split, key="data.eval") if data.eval
+                                       else (None, None, None))
+    data.train, data.eval = with_rows(data.train, train_stats), with_rows(data.eval, eval_stats)
+    return train_set, eval_set, eval_rows, {"train": train_stats, **({"eval": eval_stats} if eval_stats else {})}
 
 
 def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_length: int, *, chat_template: str = "auto",

@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from . import attention
-from .config import ConfigError, LossConfig, load_config, resolved_loss
+from .config import ConfigError, LossConfig, ModelConfig, load_config, validate_loss
 from .data import COLLATES, build_dataset
 from .logps import policy_and_reference_logps
 from .objective import Objective
@@ -98,6 +98,16 @@ def metrics_table(results: dict[str, dict]) -> list[str]:
         if all(key in metrics for metrics in results.values()):
             lines.append(f"{label:40s}" + "".join(f"{metrics[key]:12.3f}" for metrics in results.values()))
     return lines
+
+
+def resolved_loss(**settings) -> LossConfig:
+    """A LossConfig with the settings left null resolved as a run's config resolves them."""
+    def check(ok: bool, key: str, why: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why}, got {value!r}")
+    loss = LossConfig(**settings)
+    validate_loss(loss, ModelConfig(), check)
+    return loss
 
 
 @dataclass
@@ -205,7 +215,7 @@ def format_report(result: dict) -> str:
         return text if len(text) <= width else "..." + text[-width:]  # a prompt's end matters most
 
     data = result["data"] if isinstance(result["data"], str) else " + ".join(result["data"])
-    lines = [f"{result['model']} against the reference {result['reference']}: {result['loss_type']} loss, "
+    lines = [f"{result['model']} against the reference {result['reference']}: {' + '.join(result['loss_type'])} loss, "
              f"beta {result['beta']}" + (f" (from {result['run_config']})" if result["run_config"] else ""),
              f"{data}: {result['data_stats']}", "", *metrics_table(result["metrics"])]
     if result["examples"]:

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from . import attention, engines, hub, reference as precomputed, templates, tracking
 from .card import model_card
-from .checkpoint import STATE, StopSignals, Stopped, complete_checkpoints, resume_point, save_checkpoint, save_final
+from .checkpoint import StopSignals, Stopped, complete_checkpoints, restore, resume_point, save_checkpoint, save_final
 from .config import Config, save_config
-from .data import COLLATES, build_dataset, settings, with_rows
+from .data import COLLATES, train_and_eval_sets
 from .evaluate import final_evaluation, preference_metrics
 from .extras import require_packages
 from .logps import head_inside, policy_and_reference_logps
@@ -85,9 +85,6 @@ class Run:
     def out(self) -> Path:
         return Path(self.config.train.output_dir)
 
-    def log(self, text: str) -> None:
-        self.accelerator.print(text)
-
 
 def train(config: Config, resume: str | None = None, force_resume: bool = False) -> dict:
     """Run one DPO training job; returns the final held-out metrics (empty without eval data).
@@ -113,12 +110,8 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
         templates.adopt(tokenizer, d.chat_template)  # final/ keeps the template the data was rendered with
         if m.ref_name_or_path:
             hf_dir(m.ref_name_or_path)
-        tokenize = partial(build_dataset, tokenizer=tokenizer, **settings(d, t.seed))
-        train_set, _, train_stats = tokenize(d.train, d.train_split, key="data.train")
-        eval_set, eval_rows, eval_stats = (tokenize(d.eval, d.eval_split, key="data.eval") if d.eval
-                                           else (None, None, None))
-    # A mixture's rows per source go into config.yaml, so that the resume check covers the mix.
-    d.train, d.eval = with_rows(d.train, train_stats), with_rows(d.eval, eval_stats)
+        # a mixture's rows per source go into the config (config.yaml, the resume check)
+        train_set, eval_set, eval_rows, data_stats = train_and_eval_sets(d, tokenizer, t.seed)
     start = resume_point(out, resume, force_resume, config.to_dict(), accelerator.num_processes, log)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -129,8 +122,7 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
         save_config(config, out / "config.yaml")
         if start is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-
-    log(f"train data: {train_stats}" + (f"\neval data: {eval_stats}" if eval_stats else ""))
+    log("\n".join(f"{split} data: {stats}" for split, stats in data_stats.items()))
     # Every process at once: under ZeRO-3 loading is collective (each process keeps its partition).
     # The reference always comes from the original model, never from a checkpoint.
     lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
@@ -173,14 +165,12 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     tracking.start(accelerator, config)
     run = Run(config, accelerator, policy, reference, optimizer, scheduler,
               Objective(**vars(l)), train_loader, eval_loader,
-              eval_set, eval_rows, tokenizer, {"train": train_stats, **({"eval": eval_stats} if eval_stats else {})},
+              eval_set, eval_rows, tokenizer, data_stats,
               MetricsLog(out / "metrics.jsonl", accelerator), total_steps,
               {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0})
     if start is not None:
-        accelerator.load_state(start)  # weights, optimizer, scheduler, RNG states of every process
-        run.position = {k: v for k, v in json.loads((start / STATE).read_text()).items() if k in run.position}
-        if accelerator.is_main_process:
-            run.metrics_log.truncate(json.loads((start / STATE).read_text())["metrics_bytes"])  # drop later records
+        run.position = {key: value for key, value in restore(accelerator, start, run.metrics_log).items()
+                        if key in run.position}
         log(f"Resumed from {start} at step {run.position['step']}")
     log(f"{len(train_set)} train pairs, {total_steps} optimizer steps of "
         f"{t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes} pairs")
@@ -283,7 +273,7 @@ def save(run: Run) -> Path:
              "metrics_bytes": run.metrics_log.size() if run.accelerator.is_main_process else 0}
     path = save_checkpoint(run.accelerator, run.out / "checkpoints", run.position["step"], state,
                            yaml.safe_dump(run.config.to_dict(), sort_keys=False), run.config.train.keep_last)
-    run.log(f"Saved checkpoint {path}")
+    run.accelerator.print(f"Saved checkpoint {path}")
     return path
 
 
@@ -301,9 +291,10 @@ def finish(run: Run) -> dict:
             (run.out / "eval_results.json").write_text(json.dumps(results, indent=2))
     card = model_card(run.config.to_dict(), run.position["step"], run.data_stats, results)
     save_final(accelerator, run.policy, run.tokenizer, run.out / "final", card, merged=m.lora.save_merged)
-    run.log(f"Saved the trained policy and tokenizer to {run.out / 'final'}")
+    run.accelerator.print(f"Saved the trained policy and tokenizer to {run.out / 'final'}")
     accelerator.end_training()
-    if run.config.train.push_to_hub and accelerator.is_main_process:  # after the local save: a failed upload loses nothing
-        hub_id, private = run.config.train.push_to_hub, run.config.train.hub_private
-        run.log(f"Uploaded {run.out / 'final'} to {hub_id}: {hub.push(run.out / 'final', hub_id, private)}")
+    t = run.config.train
+    if t.push_to_hub and accelerator.is_main_process:  # after the local save: a failed upload loses nothing
+        url = hub.push(run.out / "final", t.push_to_hub, t.hub_private)
+        accelerator.print(f"Uploaded {run.out / 'final'} to {t.push_to_hub}: {url}")
     return results

@@ -10,6 +10,8 @@ import typing
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 
 class ConfigError(ValueError):
     """A config problem, reported to the user as one line."""
@@ -123,3 +125,20 @@ def describe(cls, prefix: str = "") -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"{prefix}{f.name}  ({_kind(hint)}, default {default!r})")
     return "\n".join(lines)
+
+
+def apply_overrides(raw: dict, overrides, path) -> None:
+    """Set each `section.key=value` override (the value read as YAML) in the raw mapping, in place."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"{path}: override {item!r} must look like section.key=value")
+        *parents, name = key.split(".")
+        node = raw
+        for depth, part in enumerate(parents):  # model.lora.r=16 reaches into nested mappings
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"{path}: {'.'.join(parents[:depth + 1])}: must be a mapping")
+            node = node[part]
+        node[name] = yaml.safe_load(value) if value else ""
