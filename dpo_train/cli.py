@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import List, Optional
@@ -103,6 +104,13 @@ def train(
         cfg = load_config(config, overrides or [])
         from .trainer import train as run_training  # imported late: torch and transformers take seconds
         run_training(cfg, resume=resume, force_resume=force_resume)
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            # Launched and done: final/ is written, every process passed the last barrier and the process group
+            # is destroyed. Skip the interpreter's teardown, where a C++ thread of the distributed stack left
+            # joinable aborts the process ("terminate called without an active exception", once in CI after a
+            # complete ZeRO-3 run), which the launcher would report as a failed run.
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(0)
     except user_errors() as e:
         fail(e)
     except Stopped as e:
