@@ -135,7 +135,7 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     trainable = [p for p in policy.parameters() if p.requires_grad]  # with LoRA, only the adapter
     log(f"training {num_parameters(trainable):,} of {num_parameters(policy.parameters()):,} parameters")
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
-    engines.configure_deepspeed(accelerator, t.per_device_batch_size, t.max_grad_norm)
+    engines.configure_deepspeed(accelerator, t.per_device_batch_size, t.max_grad_norm, policy.config)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     scorers = [accelerator.unwrap_model(policy)] + ([reference] if reference is not None else [])
     layout, reason = attention.usable_layout(t.layout, [model.config for model in scorers])

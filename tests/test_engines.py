@@ -257,3 +257,22 @@ def test_bf16_mixed_precision_under_the_sharded_engines(runs, engine):
     bf16 = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in bf16] == list(range(5))
     assert all(abs(a["loss"] - b["loss"]) < 2**-9 for a, b in zip(fp32, bf16)), [(a["loss"], b["loss"]) for a, b in zip(fp32, bf16)]
+
+
+def test_deepspeed_settings_the_run_owns_and_bucket_sizes_left_unset():
+    """The micro-batch, clipping and the whole-weights save are the run's; bucket sizes the user's DeepSpeed
+    config leaves unset get Accelerate's `auto` values from the hidden size, a set one is kept."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from transformers import LlamaConfig
+
+    from dpo_train.engines import configure_deepspeed
+    ds_config = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345}}
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)))
+    configure_deepspeed(accelerator, 4, 0.5, LlamaConfig(hidden_size=64))
+    assert (ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_clipping"]) == (4, 0.5)
+    assert ds_config["zero_optimization"] == {
+        "stage": 3, "reduce_bucket_size": 12345, "allgather_bucket_size": 64 * 64, "stage3_prefetch_bucket_size": 3686,
+        "stage3_param_persistence_threshold": 640, "stage3_gather_16bit_weights_on_model_save": True}
