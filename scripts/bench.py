@@ -28,6 +28,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def run_ours(args, data: Path, layout: str, lora: int = 0) -> dict:
     train(load_config(config))
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["step"] >= 1]  # step 0 is the warm-up
+    shutil.rmtree(out)  # the trained model: not needed, and half a GB a run
     return {"seconds_per_token": statistics.mean(1 / r["tokens/s"] for r in timed), "peak_mb": peak_memory_mb()}
 
 

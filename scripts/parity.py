@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -199,6 +200,7 @@ def main(argv=None) -> dict:
         ours = run_ours(model_dir, data, case, args, out)
         trl = run_trl(model, model_dir, rows, ids, case, args, out)
         steps = list(zip(ours, trl))
+        shutil.rmtree(out)  # two trained models per case (about 0.5 GB): read, then gone
         results[case] = {"ours": ours, "trl": trl,
                          "max_loss_difference": max(abs(o["loss"] - t["loss"]) for o, t in steps),
                          # some losses are tiny (WPO's weights are products of per-token probabilities)
@@ -206,6 +208,7 @@ def main(argv=None) -> dict:
                                                         for o, t in steps),
                          "max_margin_difference": max(abs(o["margins"] - t["margins"]) for o, t in steps)}
         print(f"PARITY-CASE {case} " + json.dumps(results[case]), flush=True)
+    shutil.rmtree(work)
     print(f"\nmodel {args.model}, {args.pairs} pairs in one batch, lr {args.lr}, cosine without warmup, "
           f"{args.steps} steps, beta {args.beta}, fp32 CPU; TRL on "
           f"{'its own tokenization' if args.trl_tokenizes else 'dpo-train token ids'}")

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,9 @@ def main() -> None:
                 print(f"{rows:<6d}{num_proc:>8s}  {run:7s}{m['seconds']:8.1f}{m['cpu_seconds']:8.1f}  {m['pairs']:<7d}"
                       f"{m['rss_mb']:17.0f} ({m['anon_mb']:4.0f}){m['worker_rss_mb']:20.0f} ({m['worker_anon_mb']:4.0f})",
                       flush=True)
+            shutil.rmtree(cache)
+    if not args.workdir:  # the generated rows (a --workdir keeps them for the next run)
+        shutil.rmtree(workdir)
 
 
 if __name__ == "__main__":
