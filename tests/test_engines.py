@@ -145,7 +145,7 @@ def test_two_processes_match_one_process_with_accumulation(runs, engine, variant
 
 
 @pytest.mark.slow  # launches processes that import torch, transformers and DeepSpeed
-@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero2", "zero3", "zero3_offload"])
 def test_resume_after_sigkill_is_bitwise_exact_under_each_engine(runs, engine):
     """Killed with SIGKILL right after the step-4 checkpoint, resumed with --resume auto: the same weights
     and records as the uninterrupted run under the same engine, bit for bit."""
