@@ -61,6 +61,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 RANK = int(os.environ.get("RANK", 0))  # set by torchrun and accelerate launch
+LAUNCHED = os.environ.get("WORLD_SIZE", "1") != "1"  # one of several processes
 
 
 def fail(error: Exception) -> None:
@@ -104,12 +105,13 @@ def train(
         cfg = load_config(config, overrides or [])
         from .trainer import train as run_training  # imported late: torch and transformers take seconds
         run_training(cfg, resume=resume, force_resume=force_resume)
-        if os.environ.get("WORLD_SIZE", "1") != "1":
+        if LAUNCHED:
             # Launched and done: final/ is written, every process passed the last barrier and the process group
             # is destroyed. Skip the interpreter's teardown, where a C++ thread of the distributed stack left
             # joinable aborts the process ("terminate called without an active exception", once in CI after a
             # complete ZeRO-3 run), which the launcher would report as a failed run.
-            sys.stdout.flush(), sys.stderr.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(0)
     except user_errors() as e:
         fail(e)
@@ -123,7 +125,7 @@ def train(
         typer.echo("aborted by a second Ctrl-C; nothing saved since the last checkpoint", err=True)
         raise typer.Exit(130)
     except RuntimeError as e:
-        if not (os.environ.get("WORLD_SIZE", "1") != "1" and from_a_collective(e)):
+        if not (LAUNCHED and from_a_collective(e)):
             raise
         typer.echo(f"\n[rank {RANK}] stopped: another process failed, so a collective did not complete "
                    f"({str(e).splitlines()[0][:160]})", err=True)

@@ -174,11 +174,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return config
 
 
-def _validate(config: Config, path: Path) -> None:
+def checker(where: str):
+    """check(ok, key, why, value): raise ConfigError, one line naming `where` and the key, unless ok."""
     def check(ok: bool, key: str, why: str, value) -> None:
         if not ok:
-            raise ConfigError(f"{path}: {key}: {why}, got {value!r}")
+            raise ConfigError(f"{where}{key}: {why}, got {value!r}")
+    return check
 
+
+def _validate(config: Config, path: Path) -> None:
+    check = checker(f"{path}: ")
     m, d, l, t = config.model, config.data, config.loss, config.train
     validate_loss(l, config.model, check)
     check(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)

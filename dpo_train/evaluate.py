@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from . import attention
-from .config import ConfigError, LossConfig, ModelConfig, load_config, validate_loss
+from .config import ConfigError, LossConfig, ModelConfig, checker, load_config, validate_loss
 from .data import COLLATES, build_dataset
 from .logps import policy_and_reference_logps
 from .objective import Objective
@@ -102,11 +102,8 @@ def metrics_table(results: dict[str, dict]) -> list[str]:
 
 def resolved_loss(**settings) -> LossConfig:
     """A LossConfig with the settings left null resolved as a run's config resolves them."""
-    def check(ok: bool, key: str, why: str, value) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {why}, got {value!r}")
     loss = LossConfig(**settings)
-    validate_loss(loss, ModelConfig(), check)
+    validate_loss(loss, ModelConfig(), checker(""))
     return loss
 
 

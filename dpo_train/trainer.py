@@ -126,8 +126,9 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     # Every process at once: under ZeRO-3 loading is collective (each process keeps its partition).
     # The reference always comes from the original model, never from a checkpoint.
     lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
+    loss_fn = Objective(**vars(l))
     policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
-                                                  need_reference=Objective(**vars(l)).needs_reference)
+                                                  need_reference=loss_fn.needs_reference)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     if t.compile:  # in place: parameter names, checkpoints and the saved model are unchanged
@@ -163,10 +164,8 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
                                                   partial(lr_lambda, warmup_steps=t.warmup_steps, total_steps=total_steps))
     accelerator.register_for_checkpointing(scheduler)
     tracking.start(accelerator, config)
-    run = Run(config, accelerator, policy, reference, optimizer, scheduler,
-              Objective(**vars(l)), train_loader, eval_loader,
-              eval_set, eval_rows, tokenizer, data_stats,
-              MetricsLog(out / "metrics.jsonl", accelerator), total_steps,
+    run = Run(config, accelerator, policy, reference, optimizer, scheduler, loss_fn, train_loader, eval_loader,
+              eval_set, eval_rows, tokenizer, data_stats, MetricsLog(out / "metrics.jsonl", accelerator), total_steps,
               {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0})
     if start is not None:
         run.position = {key: value for key, value in restore(accelerator, start, run.metrics_log).items()
