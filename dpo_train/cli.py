@@ -155,7 +155,7 @@ def plot(
 ) -> None:
     """Plot loss, reward margin and reward accuracy over optimizer steps, train and eval, from
     RUN_DIR/metrics.jsonl into one PNG. Works on a run still in progress. Needs matplotlib
-    (pip install 'dpo-train[plot]')."""
+    (pip install matplotlib)."""
     from .plots import PlotError, plot_run
 
     try:

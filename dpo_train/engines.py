@@ -49,6 +49,16 @@ def allow_fsdp_on_cpu(timeout: timedelta) -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
+def leave_deepspeed_unimported() -> None:
+    """Accelerate's unwrap_model (also inside get_state_dict and save_state) imports DeepSpeed whenever it
+    is installed, to recognise a DeepSpeedEngine; importing it prints DeepSpeed's accelerator warnings.
+    Without a DeepSpeed engine there is none to recognise, so tell that function DeepSpeed is absent.
+    It can go once Accelerate imports DeepSpeed only under a DeepSpeed engine."""
+    import accelerate.utils.other
+
+    accelerate.utils.other.is_deepspeed_available = lambda: False
+
+
 def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: int) -> Accelerator:
     """The run's Accelerator, on the engine `accelerate launch` asked for. Raises EngineError when a
     different engine would run."""
@@ -59,6 +69,8 @@ def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: i
                 else InitProcessGroupKwargs(timeout=timeout)]
     if cpu and engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    if engine != "deepspeed":
+        leave_deepspeed_unimported()
     if cpu and engine == "fsdp":
         allow_fsdp_on_cpu(timeout)
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum_steps,

@@ -127,7 +127,7 @@ def load_merged_adapter(name_or_path: str, source: str, dtype: str) -> PreTraine
     try:
         from peft import AutoPeftModelForCausalLM
     except ImportError:
-        raise ModelError(f"{name_or_path}: a LoRA adapter; loading it needs peft: pip install 'dpo-train[lora]'") from None
+        raise ModelError(f"{name_or_path}: a LoRA adapter; loading it needs peft: pip install peft") from None
     try:
         return AutoPeftModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype]).merge_and_unload()
     except (OSError, ValueError) as e:
@@ -183,7 +183,7 @@ def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, targe
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise ModelError("model.lora needs the peft package: pip install 'dpo-train[lora]'") from None
+        raise ModelError("model.lora needs the peft package: pip install peft") from None
     targets = "all-linear" if target_modules == ["all-linear"] else target_modules
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     try:

@@ -1,5 +1,5 @@
 """`dpo-train plot RUN_DIR`: loss, reward margin and reward accuracy over optimizer steps, train
-and eval, from the run's metrics.jsonl, as one PNG. matplotlib is an optional extra (`[plot]`)."""
+and eval, from the run's metrics.jsonl, as one PNG. matplotlib is optional (`pip install matplotlib`)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, 
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install 'dpo-train[plot]' (or pip install matplotlib)") from None
+        raise PlotError("plotting needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 

@@ -5,6 +5,7 @@ ConfigError, one line naming the file and the dotted key (`data.train[1].take`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -36,7 +37,9 @@ def build(cls, raw, prefix: str, path: Path):
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(f"{path}: unknown key {prefix}{unknown[0]} (known: {', '.join(fields)})")
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise ConfigError(f"{path}: unknown key {prefix}{unknown[0]} ({hint}known: {', '.join(fields)})")
     values = {}
     for name, value in raw.items():
         key, hint = prefix + name, hints[name]

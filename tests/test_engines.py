@@ -276,3 +276,18 @@ def test_deepspeed_settings_the_run_owns_and_bucket_sizes_left_unset():
     assert ds_config["zero_optimization"] == {
         "stage": 3, "reduce_bucket_size": 12345, "allgather_bucket_size": 64 * 64, "stage3_prefetch_bucket_size": 3686,
         "stage3_param_persistence_threshold": 640, "stage3_gather_16bit_weights_on_model_save": True}
+
+
+def test_deepspeed_is_not_imported_without_a_deepspeed_engine(tmp_path, tiny_model_dir, tiny_data):
+    """One process, with DeepSpeed installed: training, checkpoints and the final save never import it, so
+    none of its accelerator warnings are printed."""
+    pytest.importorskip("deepspeed")
+    tiny_config(tmp_path, tiny_model_dir, tiny_data, "train.max_steps=2", "train.save_every=1")  # writes tiny.yaml
+    code = ("import sys; from dpo_train.cli import app\n"
+            f"try: app([\"--config\", {str(tmp_path / 'tiny.yaml')!r}, \"train.max_steps=2\", \"train.save_every=1\"])\n"
+            "except SystemExit as e: assert not e.code, e.code\n"
+            "print('deepspeed imported:', 'deepspeed' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "deepspeed imported: False" in result.stdout
+    assert "Setting accelerator" not in result.stderr + result.stdout

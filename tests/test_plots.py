@@ -63,4 +63,4 @@ def test_missing_matplotlib_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     result = CliRunner().invoke(app, ["plot", str(write_run(tmp_path / "run"))])
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: plotting needs matplotlib: pip install 'dpo-train[plot]' (or pip install matplotlib)"
+    assert result.stderr.strip() == "error: plotting needs matplotlib: pip install matplotlib"
