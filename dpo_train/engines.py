@@ -18,6 +18,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 
+from .progress import quiet_unless
+
 ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "ddp": "DDP", None: "one process"}
 
 
@@ -78,6 +80,7 @@ def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: i
                               # DeepSpeed and FSDP keep their own process group; DDP on CPU needs Accelerate's
                               cpu=cpu and engine not in ("deepspeed", "fsdp"),
                               kwargs_handlers=handlers, log_with=log_with, project_dir=project_dir)
+    quiet_unless(accelerator.is_main_process)
     if (running := running_engine(accelerator)) != engine:
         raise EngineError(f"the launch asked for {ENGINE_NAMES[engine]} but Accelerate set up "
                           f"{ENGINE_NAMES[running]}; check the accelerate config and the installed packages")

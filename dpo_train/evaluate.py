@@ -15,6 +15,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from . import attention
+from .progress import bar, say
 from .config import ConfigError, LossConfig, ModelConfig, checker, load_config, validate_loss
 from .data import COLLATES, build_dataset
 from .logps import policy_and_reference_logps
@@ -30,8 +31,10 @@ TABLE_ROWS = (("reward accuracy (margin > 0)", "rewards/accuracies"), ("mean rew
 
 
 @torch.no_grad()
-def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: str = "") -> dict[str, float]:
-    """Mean loss, rewards and accuracies over every pair of `loader`, across processes.
+def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: str = "",
+                       desc: str = "eval") -> dict[str, float]:
+    """Mean loss, rewards and accuracies over every pair of `loader`, across processes; a progress
+    bar named `desc` on the main process.
 
     Also `logps_accuracy`: how often the policy alone gives the chosen answer the higher
     log-prob; unlike the reward accuracy it is meaningful for the reference model too.
@@ -39,7 +42,7 @@ def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: 
     was_training = policy.training
     policy.eval()
     sums = None
-    for batch in loader:
+    for batch in bar(loader, desc, show=accelerator.is_main_process):
         logps = policy_and_reference_logps(policy, reference, batch, loss_fn.extras)
         losses, chosen_rewards, rejected_rewards = loss_fn(logps)
         batch_sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps,
@@ -50,6 +53,14 @@ def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: 
     return means(accelerator.reduce(sums, reduction="sum"), prefix)
 
 
+def midrun_evaluation(accelerator, policy, reference, loader, loss_fn, step: int) -> dict[str, float]:
+    """The held-out metrics after `step` updates, keys prefixed eval/, also printed as one line."""
+    metrics = preference_metrics(accelerator, policy, reference, loader, loss_fn, "eval/", f"eval at step {step}")
+    say(f"eval at step {step}: loss {metrics['eval/loss']:.4f}, reward accuracy {metrics['eval/rewards/accuracies']:.3f}, "
+        f"reward margin {metrics['eval/rewards/margins']:.3f}", accelerator.is_main_process)
+    return metrics
+
+
 def normalize(text: str) -> str:
     """Compare answers without case, surrounding blanks or trailing punctuation."""
     return re.sub(r"[\s.!?,;:]+$", "", text.strip()).strip().lower()
@@ -57,13 +68,15 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-             synced: bool = False) -> list[str]:
-    """Greedy completions for already-tokenized prompts, decoded without special tokens. `synced`
-    keeps every process stepping until all are done (sharded weights gather inside each forward)."""
+             synced: bool = False, desc: str = "generate", show: bool = True) -> list[str]:
+    """Greedy completions for already-tokenized prompts, decoded without special tokens, a progress
+    bar over the prompts where `show`. `synced` keeps every process stepping until all are done
+    (sharded weights gather inside each forward)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     outputs = []
+    progress = bar(desc=desc, total=len(prompt_ids), show=show, unit="prompt")
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
         width = max(map(len, chunk))
@@ -74,16 +87,20 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        progress.update(len(chunk))
+    progress.close()
     model.train(was_training)
     return outputs
 
 
 def generate_on_every_process(accelerator, model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                              synced: bool) -> list[str]:
+                              synced: bool, desc: str = "generate") -> list[str]:
     """Greedy completions of all prompts, in order, on every process: each process generates its share
-    (equal shares, the last one padded with repeats), in lock-step when `synced`."""
+    (equal shares, the last one padded with repeats), in lock-step when `synced`; the main process
+    shows its share's progress."""
     with accelerator.split_between_processes(list(prompt_ids), apply_padding=True) as share:
-        outputs = generate(accelerator.unwrap_model(model), tokenizer, share, max_new_tokens, synced=synced)
+        outputs = generate(accelerator.unwrap_model(model), tokenizer, share, max_new_tokens, synced=synced,
+                           desc=desc, show=accelerator.is_main_process)
     return gather_object(outputs)[:len(prompt_ids)]
 
 
@@ -188,10 +205,12 @@ def evaluate_models(settings: EvalSettings, batch_size: int = 4, max_new_tokens:
     models = {"reference": reference.to(accelerator.device), "model": model.to(accelerator.device)}
     loss_fn = Objective(**vars(l))  # as the trainer builds it
     scored_against = reference if loss_fn.needs_reference else None  # as in training
-    metrics = {name: preference_metrics(accelerator, m, scored_against, loader, loss_fn) for name, m in models.items()}
+    metrics = {name: preference_metrics(accelerator, m, scored_against, loader, loss_fn, desc=f"scoring: {name}")
+               for name, m in models.items()}
     has_answers = "answer" in rows.column_names
     count = (len(rows) if has_answers else min(num_examples, len(rows))) if max_new_tokens else 0
-    outputs = {name: generate(m, tokenizer, pairs["prompt_ids"][:count], max_new_tokens) for name, m in models.items()}
+    outputs = {name: generate(m, tokenizer, pairs["prompt_ids"][:count], max_new_tokens, desc=f"greedy generation: {name}")
+               for name, m in models.items()}
     if has_answers and count:
         for name in models:
             metrics[name]["exact_answer_accuracy"] = exact_match(outputs[name], rows["answer"])
@@ -229,12 +248,12 @@ def final_evaluation(accelerator, policy, reference, eval_loader, loss_fn, token
     """Held-out metrics for the trained policy and, when there is one, the reference; plus greedy
     exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table."""
     models = {"policy": policy} if reference is None else {"reference": reference, "policy": policy}
-    results = {name: preference_metrics(accelerator, model, reference, eval_loader, loss_fn)
-               for name, model in models.items()}
+    results = {name: preference_metrics(accelerator, model, reference, eval_loader, loss_fn,
+                                        desc=f"final evaluation: {name}") for name, model in models.items()}
     if "answer" in eval_rows.column_names and max_new_tokens:
         for name, model in models.items():
             outputs = generate_on_every_process(accelerator, model, tokenizer, eval_set["prompt_ids"], max_new_tokens,
-                                                synced)
+                                                synced, desc=f"final evaluation, greedy generation: {name}")
             results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
             results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
                                          zip(map(as_given, eval_rows["prompt"][:5], eval_rows["text"][:5]),

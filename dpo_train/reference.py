@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from .data import REFERENCE_COLUMNS
 from .engines import whole_tensors
 from .logps import concatenated_forward
+from .progress import bar
 
 
 def weights_digest(reference: torch.nn.Module) -> str:
@@ -41,7 +42,7 @@ def compute(accelerator, reference, dataset, collate_fn, batch_size: int) -> tor
     """(N, 2) chosen and rejected log-probs of every pair, in dataset order, on every process."""
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn))
     chunks = []
-    for batch in loader:
+    for batch in bar(loader, "reference log-probs", show=accelerator.is_main_process):
         chosen, rejected = concatenated_forward(reference, batch)
         # gather_for_metrics returns the batches of all processes in dataset order, minus the padding
         chunks.append(accelerator.gather_for_metrics(torch.stack([chosen, rejected], dim=1)))

@@ -25,10 +25,11 @@ from .card import model_card
 from .checkpoint import StopSignals, Stopped, complete_checkpoints, restore, resume_point, save_checkpoint, save_final
 from .config import Config, save_config
 from .data import COLLATES, train_and_eval_sets
-from .evaluate import final_evaluation, preference_metrics
+from .evaluate import final_evaluation, midrun_evaluation
 from .extras import require_packages
 from .logps import head_inside, policy_and_reference_logps
 from .objective import Objective
+from .progress import say
 from .metrics import MetricsLog, add, means, pair_metrics, peak_memory_mb, reset_peak_memory
 from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, hf_dir, load_policy_and_reference,
                      load_tokenizer, num_parameters)
@@ -244,8 +245,8 @@ def loop(run: Run) -> None:
             progress.update(1)
             pause, step = time.perf_counter(), position["step"]  # evaluation and saving don't count toward tokens/s
             if run.eval_loader and t.eval_every and step % t.eval_every == 0 and step < run.total_steps:
-                run.metrics_log.write(step, preference_metrics(accelerator, run.policy, run.reference, run.eval_loader,
-                                                               run.loss_fn, prefix="eval/"))
+                run.metrics_log.write(step, midrun_evaluation(accelerator, run.policy, run.reference, run.eval_loader,
+                                                              run.loss_fn, step))
             stopping = engines.on_any_process(accelerator, stop.received is not None) and step < run.total_steps
             if stopping or (t.save_every and step % t.save_every == 0 and step < run.total_steps):
                 path = save(run)
@@ -272,7 +273,7 @@ def save(run: Run) -> Path:
              "metrics_bytes": run.metrics_log.size() if run.accelerator.is_main_process else 0}
     path = save_checkpoint(run.accelerator, run.out / "checkpoints", run.position["step"], state,
                            yaml.safe_dump(run.config.to_dict(), sort_keys=False), run.config.train.keep_last)
-    run.accelerator.print(f"Saved checkpoint {path}")
+    say(f"Saved checkpoint {path}", run.accelerator.is_main_process)  # below the progress bar, not through it
     return path
 
 

@@ -130,6 +130,12 @@ def test_two_processes_match_one_process_with_accumulation(runs, engine, variant
     assert "using the rows layout instead" not in result.stdout
     assert ("the LM head runs inside the model's forward" in result.stdout) == sharded
     assert "5 optimizer steps of 8 pairs" in result.stdout
+    # progress is drawn by the main process alone: each bar's first frame appears once, not once per process
+    bars = ("final evaluation: policy:   0%", "eval at step 2:   0%") + (("Loading weights:   0%",) if not sharded
+                                                                      and variant == "live" else ())
+    for first_frame in bars:  # (the policy is loaded once, and copied for the reference, where weights are whole)
+        assert result.stderr.count(first_frame) == 1, (first_frame, result.stderr[-3000:])
+    assert result.stdout.count("eval at step 2: loss") + result.stderr.count("eval at step 2: loss") == 1
     assert_same_run(runs.baseline(variant), out)
     assert read_metrics(out)[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # policy == reference at step 0
     final = out / "final"
