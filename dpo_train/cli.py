@@ -37,6 +37,8 @@ app = typer.Typer(
     help="Direct Preference Optimization for Hugging Face causal LMs.\n\n\b\n"
          "Train (the default command):\n"
          "  dpo-train --config CONFIG.yaml [KEY=VALUE]... [--resume auto|PATH] [--force-resume]\n"
+         "Write the quickstart's config and data into a directory, to run it from there:\n"
+         "  dpo-train init [DIR]\n"
          "Check the data without training, plot a run, evaluate a trained model:\n"
          "  dpo-train check-data --config CONFIG.yaml [KEY=VALUE]...\n"
          "  dpo-train plot RUN_DIR\n"
@@ -130,6 +132,23 @@ def train(
         typer.echo(f"\n[rank {RANK}] stopped: another process failed, so a collective did not complete "
                    f"({str(e).splitlines()[0][:160]})", err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def init(directory: Path = typer.Argument(Path("."), metavar="[DIR]", help="Where to write them (created if "
+                                                                         "needed); default: here.")) -> None:
+    """Write the quickstart's files into DIR: configs/quickstart.yaml, its data (data/capitals/), and the
+    Accelerate config of every engine (configs/accelerate/), as a checkout of dpo-train holds them; then
+    `dpo-train --config configs/quickstart.yaml` runs the quickstart from DIR. Nothing is overwritten."""
+    from .quickstart import InitError, write_demo
+
+    try:
+        written = write_demo(directory)
+    except InitError as e:
+        fail(e)
+    typer.echo(f"wrote {len(written)} files into {directory}:\n" + "\n".join(f"  {path}" for path in written))
+    typer.echo(f"\nTrain the quickstart:  {'' if directory == Path('.') else f'cd {directory} && '}"
+               "dpo-train --config configs/quickstart.yaml")
 
 
 @app.command("check-data", epilog=CONFIG_KEYS)
