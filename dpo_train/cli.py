@@ -18,7 +18,7 @@ EXIT_CODES = ("Exit codes: 0 done; 1 unexpected error; 2 config, data, model or 
               "3 trained and saved in final/, but the upload to the hub (train.push_to_hub) failed (one line); "
               "75 stopped by SIGTERM/SIGINT after saving a checkpoint; 130 aborted by a second Ctrl-C.")
 # "\b" tells click to keep the following lines as they are instead of re-wrapping them.
-CONFIG_KEYS = "Config keys (type, default); README.md says what each does:\n\n\b\n" + describe()
+CONFIG_KEYS = "Config keys, with type, default and meaning (docs/configuration.md says the same):\n\n\b\n" + describe()
 
 
 class TrainByDefault(TyperGroup):
@@ -196,7 +196,7 @@ def evaluate(
                                                             "exact-answer accuracy. Default: the run's eval data."),
     split: Optional[str] = typer.Option(None, help="Split of a dataset directory or hub dataset (slices too: "
                                                    "test[:500]); default: the run's, else test."),
-    loss_type: Optional[str] = typer.Option(None, "--loss-type", help="One loss type of the README's table (sigmoid, "
+    loss_type: Optional[str] = typer.Option(None, "--loss-type", help="One loss type of docs/losses.md (sigmoid, "
                                                                       "ipo, ...); default: the run's (its whole "
                                                                       "loss section), else sigmoid."),
     beta: Optional[float] = typer.Option(None, help="The beta of the rewards, beta * (log model - log ref); "

