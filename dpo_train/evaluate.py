@@ -30,16 +30,21 @@ TABLE_ROWS = (("reward accuracy (margin > 0)", "rewards/accuracies"), ("mean rew
 
 
 @torch.no_grad()
-def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: str = "") -> dict[str, float]:
+def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: str = "",
+                       stop=None) -> dict[str, float] | None:
     """Mean loss, rewards and accuracies over every pair of `loader`, across processes.
 
     Also `logps_accuracy`: how often the policy alone gives the chosen answer the higher
     log-prob; unlike the reward accuracy it is meaningful for the reference model too.
+    None when `stop()` (asked before each batch, the same answer on every process) says to stop.
     """
     was_training = policy.training
     policy.eval()
     sums = None
     for batch in loader:
+        if stop and stop():
+            policy.train(was_training)
+            return None
         logps = policy_and_reference_logps(policy, reference, batch, loss_fn.extras)
         losses, chosen_rewards, rejected_rewards = loss_fn(logps)
         batch_sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps,
@@ -57,14 +62,18 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-             synced: bool = False) -> list[str]:
+             synced: bool = False, stop=None) -> list[str] | None:
     """Greedy completions for already-tokenized prompts, decoded without special tokens. `synced`
-    keeps every process stepping until all are done (sharded weights gather inside each forward)."""
+    keeps every process stepping until all are done (sharded weights gather inside each forward).
+    None when `stop()`, asked before each batch, says to stop."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(prompt_ids), batch_size):
+        if stop and stop():
+            model.train(was_training)
+            return None
         chunk = prompt_ids[start:start + batch_size]
         width = max(map(len, chunk))
         # left-pad so that every prompt ends where generation starts
@@ -79,12 +88,12 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
 
 
 def generate_on_every_process(accelerator, model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                              synced: bool) -> list[str]:
+                              synced: bool, stop=None) -> list[str] | None:
     """Greedy completions of all prompts, in order, on every process: each process generates its share
-    (equal shares, the last one padded with repeats), in lock-step when `synced`."""
+    (equal shares, the last one padded with repeats), in lock-step when `synced`. None when stopped."""
     with accelerator.split_between_processes(list(prompt_ids), apply_padding=True) as share:
-        outputs = generate(accelerator.unwrap_model(model), tokenizer, share, max_new_tokens, synced=synced)
-    return gather_object(outputs)[:len(prompt_ids)]
+        outputs = generate(accelerator.unwrap_model(model), tokenizer, share, max_new_tokens, synced=synced, stop=stop)
+    return None if outputs is None else gather_object(outputs)[:len(prompt_ids)]
 
 
 def exact_match(outputs: list[str], answers: list[str]) -> float:
@@ -225,16 +234,22 @@ def format_report(result: dict) -> str:
 
 
 def final_evaluation(accelerator, policy, reference, eval_loader, loss_fn, tokenizer, eval_set, eval_rows,
-                     max_new_tokens: int, synced: bool = False) -> dict:
+                     max_new_tokens: int, synced: bool = False, stop=None) -> dict | None:
     """Held-out metrics for the trained policy and, when there is one, the reference; plus greedy
-    exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table."""
+    exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table. None
+    when `stop()` (asked before each batch, the same answer on every process) says to stop."""
     models = {"policy": policy} if reference is None else {"reference": reference, "policy": policy}
-    results = {name: preference_metrics(accelerator, model, reference, eval_loader, loss_fn)
-               for name, model in models.items()}
+    results = {}
+    for name, model in models.items():
+        results[name] = preference_metrics(accelerator, model, reference, eval_loader, loss_fn, stop=stop)
+        if results[name] is None:
+            return None
     if "answer" in eval_rows.column_names and max_new_tokens:
         for name, model in models.items():
             outputs = generate_on_every_process(accelerator, model, tokenizer, eval_set["prompt_ids"], max_new_tokens,
-                                                synced)
+                                                synced, stop)
+            if outputs is None:
+                return None
             results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
             results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
                                          zip(map(as_given, eval_rows["prompt"][:5], eval_rows["text"][:5]),

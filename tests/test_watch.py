@@ -7,6 +7,7 @@ import torch
 
 import dpo_train.trainer as trainer
 from dpo_train.checkpoint import is_complete
+from dpo_train.health import NonFiniteError
 from test_trainer import read_metrics, tiny_config
 
 RUN = ["train.max_steps=6", "train.save_every=2", "train.eval_max_new_tokens=0", "data.eval=null"]
@@ -29,7 +30,7 @@ def poison_step(monkeypatch, bad_step: int, value: float = math.nan):
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, tiny_data,
                                                                             monkeypatch):
     poison_step(monkeypatch, 3)
-    with pytest.raises(trainer.NonFiniteError, match=r"step 3: .*NaN or infinite.*step-2"):
+    with pytest.raises(NonFiniteError, match=r"step 3: .*NaN or infinite.*step-2"):
         trainer.train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN))
     assert is_complete(tmp_path / "run" / "checkpoints" / "step-2")
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
