@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 from accelerate.utils import broadcast_object_list, gather_object
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .engines import loading_whole_models, on_any_process
 from .run_dir import cause
@@ -95,8 +96,8 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, config_yaml
     error = None
     try:
         accelerator.save_state(tmp)
-    except Exception as e:  # torch.save and safetensors raise their own errors on a full disk (run_dir.no_space)
-        error = cause(e, tmp)
+    except (Exception, CheckpointException) as e:  # on a full disk torch.save and safetensors raise their own
+        error = cause(e, tmp)  # errors, and FSDP's distributed checkpoint a BaseException: run_dir.no_space says
     written_everywhere = not on_any_process(accelerator, error is not None)
     if accelerator.is_main_process and written_everywhere:
         try:

@@ -31,10 +31,11 @@ def read_yaml(path: Path):
     """The parsed YAML of `path`; ConfigError (one line, with the line and column) when it is not valid."""
     try:
         return yaml.load(path.read_text(), Loader=UniqueKeyLoader)
-    except yaml.MarkedYAMLError as e:
-        mark, problem = e.problem_mark or e.context_mark, e.problem or e.context
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    except yaml.MarkedYAMLError as e:  # the problem's place, and the place of what it broke off, when known
+        def at(mark):
+            return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({e.context}{at(e.context_mark)})" if e.context and e.context_mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at(e.problem_mark)}: {e.problem}{context}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
 

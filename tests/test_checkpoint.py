@@ -231,3 +231,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_then_resumes(tmp_path, tiny_mod
                                           "--force-resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(step + 2))
+
+
+def test_a_train_file_changed_since_the_checkpoint_is_refused(tmp_path, tiny_model_dir, tiny_data, capsys):
+    """One answer edited in place, the row count unchanged (what a mixture's `rows` cannot see): the tokenized
+    pairs' fingerprint in the checkpoint differs, so the resume is refused in one line; --force-resume goes on."""
+    from conftest import arithmetic_pairs, write_jsonl
+
+    rows = arithmetic_pairs(48, 0)
+    train_file = tmp_path / "pairs.jsonl"
+    write_jsonl(train_file, rows)
+    overrides = [*RUN, "train.max_steps=3", f"data.train={train_file}"]
+    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides))
+    rows[30]["chosen"] = rows[30]["chosen"] + "0"
+    write_jsonl(train_file, rows)
+    with pytest.raises(CheckpointError) as error:
+        train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides), resume="auto")
+    assert str(error.value) == (f"{tmp_path / 'run' / 'checkpoints' / 'step-2'}: this run differs from the "
+                                "checkpoint's in the content of data.train (its tokenized pairs: a file changed "
+                                "since), which changes the training math; pass --force-resume to continue anyway")
+    capsys.readouterr()
+    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides), resume="auto", force_resume=True)
+    assert "warning: resuming despite differences in the content of data.train" in capsys.readouterr().out
