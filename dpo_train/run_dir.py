@@ -81,6 +81,8 @@ def _lock(out: Path, log) -> int:
         os.close(fd)
         raise OutputError(f"train.output_dir {out} is in use by another run ({holder or 'a run that is starting'}); "
                           "wait for it to end, or choose another train.output_dir") from None
+    except OSError as e:  # a filesystem without file locks (some FUSE and NFS setups): run, but say what is lost
+        log(f"warning: {path}: cannot be locked ({e.strerror}); a second run into {out} would not be refused")
     if holder:
         log(f"{out}: taking over from a run that ended without releasing it ({holder})")
     me = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %z')}"

@@ -83,8 +83,8 @@ class Run:
 def train(config: Config, resume: str | None = None, force_resume: bool = False) -> dict:
     """Run one DPO training job; returns the final held-out metrics (empty without eval data).
 
-    `resume`: None starts fresh; "auto" continues from the newest complete checkpoint in
-    output_dir (or starts fresh, saying so); a path continues from that checkpoint.
+    `resume`: None starts fresh; "auto" continues from the newest checkpoint in output_dir that
+    verifies (or starts fresh, saying so); a path continues from that checkpoint, which must verify.
     """
     t = config.train
     with StopSignals() as stop:  # the command's, when it installed them: setup stops at once, the loop at a step's end

@@ -194,20 +194,20 @@ def test_a_fault_on_one_process_ends_every_process_with_one_error(runs, fault):
     """No process is left waiting for a failed one: the launch ends well inside its timeout (each
     process would give up on a collective after train.collective_timeout = 60 s), with one error line."""
     engine, spec, message = FAULTS[fault]
-    out = runs.root / fault
-    if fault == "disk-full-at-a-checkpoint":
-        from test_run_dir import fill, mount_tmpfs
-
-        mount_tmpfs(runs.root / "small-fs", "size=20m")
-        out = runs.root / "small-fs" / "run"
-        fill(runs.root / "small-fs", 8)  # the lock, config.yaml and metrics.jsonl fit; a checkpoint does not
-    start = time.monotonic()
+    out, start = runs.root / fault, time.monotonic()
     try:
+        if fault == "disk-full-at-a-checkpoint":
+            from test_run_dir import fill, mount_tmpfs
+
+            mount_tmpfs(runs.root / "small-fs", "size=20m")
+            out = runs.root / "small-fs" / "run"
+            fill(runs.root / "small-fs", 8)  # the lock, config.yaml and metrics.jsonl fit; a checkpoint does not
         result = launch(engine, runs.config, *RUN, "train.grad_accum_steps=1", f"train.output_dir={out}",
                         fault=spec, cache=runs.root / f"cache-{fault}", timeout=240, check=False)
-    finally:
         if fault == "disk-full-at-a-checkpoint":
             assert not list((out / "checkpoints").glob(".tmp*"))  # the partial folder removed
+    finally:
+        if fault == "disk-full-at-a-checkpoint":
             subprocess.run(["umount", "-l", str(runs.root / "small-fs")], check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if re.match(r"^(\[rank \d+\] )?error: ", line)]

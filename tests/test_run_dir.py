@@ -219,9 +219,9 @@ def wait_for(condition, process, what: str, timeout: float = 120):
         time.sleep(0.05)
 
 
-def test_one_run_per_output_dir(tmp_path, tiny_model_dir, tiny_data, capsys):
-    """A real run holds output_dir; a second one is refused at once, naming it, and touches nothing; once the
-    first is SIGKILLed (the kernel drops its lock) the next run takes over and says so."""
+def test_one_run_per_output_dir(tmp_path, tiny_model_dir, tiny_data, capsys, monkeypatch):
+    """A real run holds output_dir; a second one is refused at once, before anything loads, naming it, and
+    touches nothing; once the first is SIGKILLed (the kernel drops its lock) the next run takes over and says so."""
     config = tiny_config(tmp_path, tiny_model_dir, tiny_data, "train.max_steps=2", "data.eval=null")
     run, log = tmp_path / "run", tmp_path / "first.log"
     with open(log, "w") as out:
@@ -230,7 +230,9 @@ def test_one_run_per_output_dir(tmp_path, tiny_model_dir, tiny_data, capsys):
     try:
         wait_for(lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size, first,
                  "a training record")
-        code, errors, _ = cli(tmp_path / "tiny.yaml", "data.eval=null")
+        with monkeypatch.context() as patch:
+            patch.setattr("dpo_train.trainer.load_tokenizer", lambda *a: pytest.fail("the tokenizer loaded"))
+            code, errors, _ = cli(tmp_path / "tiny.yaml", "data.eval=null")
         holder = (run / LOCK).read_text().strip()
         assert holder.startswith(f"pid {first.pid} on {socket.gethostname()}, started ")
         assert code == 2 and errors == [f"error: train.output_dir {run} is in use by another run ({holder}); wait for "
