@@ -43,8 +43,9 @@ def front_matter(config: dict) -> dict:
     return meta
 
 
-def model_card(config: dict, steps: int, data_stats: dict, results: dict) -> str:
-    """Markdown with YAML front matter: the resolved config, data statistics and final held-out metrics."""
+def model_card(config: dict, steps: int, data_stats: dict, results: dict, notes=()) -> str:
+    """Markdown with YAML front matter: the resolved config, data statistics, final held-out metrics and
+    `notes` (what went wrong on the way: divergence, a skipped evaluation)."""
     lines = ["---", yaml.safe_dump(front_matter(config), sort_keys=False).rstrip(), "---", "",
              "# DPO-trained policy", "",
              f"Trained with dpo-train from `{config['model']['name_or_path']}` "
@@ -66,5 +67,7 @@ def model_card(config: dict, steps: int, data_stats: dict, results: dict) -> str
         for key, value in results["policy"].items():
             if isinstance(value, float):
                 lines.append(f"| {key} | " + " | ".join(f"{results[n].get(key, float('nan')):.4f}" for n in names) + " |")
+    if notes:
+        lines += ["", "## Warnings", "", *(f"- {note}" for note in notes)]
     lines += ["", "## Config", "", "```yaml", yaml.safe_dump(config, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

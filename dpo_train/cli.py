@@ -14,9 +14,11 @@ from typer.core import TyperGroup
 
 from .config import describe
 
-EXIT_CODES = ("Exit codes: 0 done; 1 unexpected error; 2 config, data, model or checkpoint error (one line); "
-              "3 trained and saved in final/, but the upload to the hub (train.push_to_hub) failed (one line); "
-              "75 stopped by SIGTERM/SIGINT after saving a checkpoint; 130 aborted by a second Ctrl-C.")
+EXIT_CODES = ("Exit codes: 0 done (a signal during the final evaluation skips it; final/ is written); 1 unexpected "
+              "error; 2 config, data, model, checkpoint or output error, a full disk included (one line); 3 trained "
+              "and saved in final/, but the upload to the hub (train.push_to_hub) failed or was stopped (one line); "
+              "75 stopped by SIGTERM/SIGINT with nothing lost, during setup or after saving a checkpoint (continue "
+              "with --resume auto); 130 aborted by a second Ctrl-C. docs/faults.md has the table of every phase.")
 # "\b" tells click to keep the following lines as they are instead of re-wrapping them.
 CONFIG_KEYS = "Config keys, with type, default and meaning (docs/configuration.md says the same):\n\n\b\n" + describe()
 
@@ -57,9 +59,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .data import DataError
     from .engines import EngineError
+    from .health import DivergenceError, NonFiniteError
     from .models import ModelError
-    from .trainer import NonFiniteError
-    return ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, EngineError
+    from .run_dir import OutputError
+    return ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, DivergenceError, EngineError, OutputError
 
 
 RANK = int(os.environ.get("RANK", 0))  # set by torchrun and accelerate launch
@@ -99,39 +102,41 @@ def train(
     object per logged step; eval metrics prefixed eval/), eval_results.json, checkpoints/
     (every train.save_every steps) and final/ (the policy and tokenizer in Hugging Face format).
     """
-    from .checkpoint import Stopped
     from .config import load_config
     from .hub import EXIT_CODE as HUB_EXIT_CODE, HubError
+    from .signals import StopSignals, Stopped  # the standard library only: installed before torch loads
 
-    try:
-        cfg = load_config(config, overrides or [])
-        from .trainer import train as run_training  # imported late: torch and transformers take seconds
-        run_training(cfg, resume=resume, force_resume=force_resume)
-        if LAUNCHED:
-            # Launched and done: final/ is written, every process passed the last barrier and the process group
-            # is destroyed. Skip the interpreter's teardown, where a C++ thread of the distributed stack left
-            # joinable aborts the process ("terminate called without an active exception", once in CI after a
-            # complete ZeRO-3 run), which the launcher would report as a failed run.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-    except user_errors() as e:
-        fail(e)
-    except Stopped as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(75)  # EX_TEMPFAIL: a scheduler may requeue the job with --resume auto
-    except HubError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(HUB_EXIT_CODE)  # the run is complete locally: not a failure to retrain for
-    except KeyboardInterrupt:
-        typer.echo("aborted by a second Ctrl-C; nothing saved since the last checkpoint", err=True)
-        raise typer.Exit(130)
-    except RuntimeError as e:
-        if not (LAUNCHED and from_a_collective(e)):
-            raise
-        typer.echo(f"\n[rank {RANK}] stopped: another process failed, so a collective did not complete "
-                   f"({str(e).splitlines()[0][:160]})", err=True)
-        raise typer.Exit(1)
+    with StopSignals():  # a first SIGTERM or Ctrl-C from here on stops the run as signals.py's table says
+        try:
+            cfg = load_config(config, overrides or [])
+            from .trainer import train as run_training  # imported late: torch and transformers take seconds
+            run_training(cfg, resume=resume, force_resume=force_resume)
+            if LAUNCHED:
+                # Launched and done: final/ is written, every process passed the last barrier and the process group
+                # is destroyed. Skip the interpreter's teardown, where a C++ thread of the distributed stack left
+                # joinable aborts the process ("terminate called without an active exception", once in CI after a
+                # complete ZeRO-3 run), which the launcher would report as a failed run.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+        except Stopped as e:  # first: matching user_errors() imports modules, which a signal may have cut short
+            if RANK == 0:
+                typer.echo(str(e), err=True)
+            raise typer.Exit(e.exit_code)  # 75, EX_TEMPFAIL: a scheduler may requeue the job with --resume auto
+        except user_errors() as e:
+            fail(e)
+        except HubError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(HUB_EXIT_CODE)  # the run is complete locally: not a failure to retrain for
+        except KeyboardInterrupt as e:  # a second Ctrl-C; its message says what the phase it cut short loses
+            typer.echo(str(e) or "aborted by a second Ctrl-C", err=True)
+            raise typer.Exit(130)
+        except RuntimeError as e:
+            if not (LAUNCHED and from_a_collective(e)):
+                raise
+            typer.echo(f"\n[rank {RANK}] stopped: another process failed, so a collective did not complete "
+                       f"({str(e).splitlines()[0][:160]})", err=True)
+            raise typer.Exit(1)
 
 
 @app.command()

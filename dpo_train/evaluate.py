@@ -33,17 +33,21 @@ TABLE_ROWS = (("reward accuracy (margin > 0)", "rewards/accuracies"), ("mean rew
 
 @torch.no_grad()
 def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: str = "",
-                       desc: str = "eval") -> dict[str, float]:
+                       desc: str = "eval", stop=None) -> dict[str, float] | None:
     """Mean loss, rewards and accuracies over every pair of `loader`, across processes; a progress
-    bar named `desc` on the main process.
+    bar named `desc` on the main process. None when `stop()`, asked before each batch, says to stop.
 
     Also `logps_accuracy`: how often the policy alone gives the chosen answer the higher
     log-prob; unlike the reward accuracy it is meaningful for the reference model too.
+    None when `stop()` (asked before each batch, the same answer on every process) says to stop.
     """
     was_training = policy.training
     policy.eval()
     sums = None
     for batch in bar(loader, desc, show=accelerator.is_main_process):
+        if stop and stop():
+            policy.train(was_training)
+            return None
         logps = policy_and_reference_logps(policy, reference, batch, loss_fn.extras)
         losses, chosen_rewards, rejected_rewards = loss_fn(logps)
         batch_sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps,
@@ -69,16 +73,21 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-             synced: bool = False, desc: str = "generate", show: bool = True) -> list[str]:
+             synced: bool = False, desc: str = "generate", show: bool = True, stop=None) -> list[str] | None:
     """Greedy completions for already-tokenized prompts, decoded without special tokens, a progress
     bar over the prompts where `show`. `synced` keeps every process stepping until all are done
-    (sharded weights gather inside each forward)."""
+    (sharded weights gather inside each forward). None when `stop()`, asked before each batch, says
+    to stop."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     outputs = []
     progress = bar(desc=desc, total=len(prompt_ids), show=show, unit="prompt")
     for start in range(0, len(prompt_ids), batch_size):
+        if stop and stop():
+            progress.close()
+            model.train(was_training)
+            return None
         chunk = prompt_ids[start:start + batch_size]
         width = max(map(len, chunk))
         # left-pad so that every prompt ends where generation starts
@@ -95,14 +104,14 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
 
 
 def generate_on_every_process(accelerator, model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                              synced: bool, desc: str = "generate") -> list[str]:
+                              synced: bool, desc: str = "generate", stop=None) -> list[str] | None:
     """Greedy completions of all prompts, in order, on every process: each process generates its share
     (equal shares, the last one padded with repeats), in lock-step when `synced`; the main process
-    shows its share's progress."""
+    shows its share's progress. None when stopped."""
     with accelerator.split_between_processes(list(prompt_ids), apply_padding=True) as share:
         outputs = generate(accelerator.unwrap_model(model), tokenizer, share, max_new_tokens, synced=synced,
-                           desc=desc, show=accelerator.is_main_process)
-    return gather_object(outputs)[:len(prompt_ids)]
+                           desc=desc, show=accelerator.is_main_process, stop=stop)
+    return None if outputs is None else gather_object(outputs)[:len(prompt_ids)]
 
 
 def exact_match(outputs: list[str], answers: list[str]) -> float:
@@ -245,16 +254,23 @@ def format_report(result: dict) -> str:
 
 
 def final_evaluation(accelerator, policy, reference, eval_loader, loss_fn, tokenizer, eval_set, eval_rows,
-                     max_new_tokens: int, synced: bool = False) -> dict:
+                     max_new_tokens: int, synced: bool = False, stop=None) -> dict | None:
     """Held-out metrics for the trained policy and, when there is one, the reference; plus greedy
-    exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table."""
+    exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table. None
+    when `stop()` (asked before each batch, the same answer on every process) says to stop."""
     models = {"policy": policy} if reference is None else {"reference": reference, "policy": policy}
-    results = {name: preference_metrics(accelerator, model, reference, eval_loader, loss_fn,
-                                        desc=f"final evaluation: {name}") for name, model in models.items()}
+    results = {}
+    for name, model in models.items():
+        results[name] = preference_metrics(accelerator, model, reference, eval_loader, loss_fn,
+                                           desc=f"final evaluation: {name}", stop=stop)
+        if results[name] is None:
+            return None
     if "answer" in eval_rows.column_names and max_new_tokens:
         for name, model in models.items():
             outputs = generate_on_every_process(accelerator, model, tokenizer, eval_set["prompt_ids"], max_new_tokens,
-                                                synced, desc=f"final evaluation, greedy generation: {name}")
+                                                synced, f"final evaluation, greedy generation: {name}", stop)
+            if outputs is None:
+                return None
             results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])
             results[name]["examples"] = [{"prompt": p, "answer": a, "output": o} for p, a, o in
                                          zip(map(as_given, eval_rows["prompt"][:5], eval_rows["text"][:5]),

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from .engines import on_any_process
+from .run_dir import OutputError, cause
+
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
@@ -76,7 +79,28 @@ class MetricsLog:
             f.truncate(size)
 
     def write(self, step: int, values: dict) -> None:
+        """Append a record; when that fails (a full disk) every process raises OutputError, the log as it was."""
+        error = None
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            size = self.size()
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"step": step, **values}) + "\n")
+            except OSError as e:
+                error = cause(e, self.path)
+                self.truncate(size)  # no partial record is left
+        if on_any_process(self.accelerator, error is not None):
+            raise OutputError(f"cannot write {self.path}: {error or 'see the main process'}; the checkpoints are "
+                              "intact: continue with --resume auto once this is fixed")
         self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+
+def write_record(accelerator, log: MetricsLog, position: dict, window: dict, elapsed: float, grad_norm, lr: float) -> dict:
+    """Reduce a logging window's sums over processes and write its training record for position['step']."""
+    totals = accelerator.reduce(window, reduction="sum")
+    peak = accelerator.reduce(torch.tensor(peak_memory_mb(), device=accelerator.device), reduction="max")
+    record = {**means({k: v for k, v in totals.items() if k != "tokens"}), "grad_norm": grad_norm, "lr": lr,
+              "tokens/s": totals["tokens"].item() / elapsed, "skipped_steps": position["skipped"],
+              "memory/peak_mb": round(peak.item())}
+    log.write(position["step"], record)
+    return record

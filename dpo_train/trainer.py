@@ -20,19 +20,22 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import attention, engines, hub, reference as precomputed, templates, tracking
+from . import attention, engines, health, hub, reference as precomputed, templates, tracking
 from .card import model_card
-from .checkpoint import StopSignals, Stopped, complete_checkpoints, restore, resume_point, save_checkpoint, save_final
-from .config import Config, save_config
-from .data import COLLATES, train_and_eval_sets
+from .checkpoint import restore, resume_point, save_checkpoint, save_final
+from .config import Config
+from .data import COLLATES, fingerprint, train_and_eval_sets
 from .evaluate import final_evaluation, midrun_evaluation
 from .extras import require_packages
+from .health import all_finite, nonfinite_error, watch
 from .logps import head_inside, policy_and_reference_logps
 from .objective import Objective
 from .progress import say
-from .metrics import MetricsLog, add, means, pair_metrics, peak_memory_mb, reset_peak_memory
+from .metrics import MetricsLog, add, pair_metrics, reset_peak_memory, write_record
 from .models import (AdapterDisabled, cache_dir, enable_activation_checkpointing, hf_dir, load_policy_and_reference,
                      load_tokenizer, num_parameters)
+from .run_dir import check_usable, hold, remove_leftovers, write_text
+from .signals import StopSignals, Stopped
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -49,17 +52,6 @@ def training_step(policy, reference, batch, loss_fn):
     losses, chosen_rewards, rejected_rewards = loss_fn(logps)
     sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps, logps.policy_rejected_logps)
     return losses.mean(), sums
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or infinite loss or gradient, with the step and the last good checkpoint."""
-    same_on_every_process = True  # every process checks the same all-reduced flag
-
-
-def all_finite(accelerator, *values) -> bool:
-    """Whether every value (tensors, floats or None) is finite on every process: the same answer everywhere."""
-    finite = all(v is None or bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)
-    return not engines.on_any_process(accelerator, not finite)
 
 
 @dataclass
@@ -80,7 +72,9 @@ class Run:
     data_stats: dict
     metrics_log: MetricsLog
     total_steps: int
-    position: dict  # step, epoch, batches_done (micro-batches into `epoch`), skipped (non-finite updates dropped)
+    # step, epoch, batches_done (micro-batches into `epoch`), skipped (non-finite updates dropped), health
+    position: dict
+    data_fingerprint: str | None  # of the tokenized training pairs (main process), kept in checkpoints
 
     @property
     def out(self) -> Path:
@@ -90,22 +84,29 @@ class Run:
 def train(config: Config, resume: str | None = None, force_resume: bool = False) -> dict:
     """Run one DPO training job; returns the final held-out metrics (empty without eval data).
 
-    `resume`: None starts fresh; "auto" continues from the newest complete checkpoint in
-    output_dir (or starts fresh, saying so); a path continues from that checkpoint.
+    `resume`: None starts fresh; "auto" continues from the newest checkpoint in output_dir that
+    verifies (or starts fresh, saying so); a path continues from that checkpoint, which must verify.
     """
-    run = setup(config, resume, force_resume)
-    loop(run)
-    return finish(run)
+    t = config.train
+    with StopSignals() as stop:  # the command's, when it installed them: setup stops at once, the loop at a step's end
+        require_packages(config)  # a tracker or peft that is missing: one line, before anything loads
+        engines.check_config(config)  # and what the launched engine cannot run
+        check_usable(Path(t.output_dir))  # and an output_dir that cannot be written
+        accelerator = engines.build_accelerator(t.grad_accum_steps, tracking.trackers(t.report_to) or None,
+                                                Path(t.output_dir) / "tracking", t.collective_timeout)
+        with hold(accelerator, Path(t.output_dir), accelerator.print):  # one run per output_dir
+            run = setup(config, accelerator, resume, force_resume)
+            stop.phase = "train"
+            loop(run, stop)
+            return finish(run, stop)
 
 
-def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
-    """Accelerator, data, policy and reference, optimizer and schedule, checkpoint state."""
+def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -> Run:
+    """Data, policy and reference, optimizer and schedule, checkpoint state."""
     m, d, l, t = config.model, config.data, config.loss, config.train
-    require_packages(config)  # a tracker or peft that is missing: one line, before anything loads
-    engines.check_config(config)  # and what the launched engine cannot run
-    accelerator = engines.build_accelerator(t.grad_accum_steps, tracking.trackers(t.report_to) or None,
-                                            Path(t.output_dir) / "tracking", t.collective_timeout)
     log, out = accelerator.print, Path(t.output_dir)
+    if accelerator.is_main_process:
+        remove_leftovers(out, log)
     with accelerator.local_main_process_first():  # the first process of each machine fills the GGUF and datasets caches
         tokenizer = load_tokenizer(m.name_or_path)
         templates.adopt(tokenizer, d.chat_template)  # final/ keeps the template the data was rendered with
@@ -113,14 +114,14 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
             hf_dir(m.ref_name_or_path)
         # a mixture's rows per source go into the config (config.yaml, the resume check)
         train_set, eval_set, eval_rows, data_stats = train_and_eval_sets(d, tokenizer, t.seed)
-    start = resume_point(out, resume, force_resume, config.to_dict(), accelerator.num_processes, log)
+    pairs_fingerprint = fingerprint(train_set) if accelerator.is_main_process else None  # the data actually used
+    start = resume_point(accelerator, out, resume, force_resume, config.to_dict(), pairs_fingerprint, log)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     set_seed(t.seed)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         log("Resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))
-        save_config(config, out / "config.yaml")
+        write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         if start is None:
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     log("\n".join(f"{split} data: {stats}" for split, stats in data_stats.items()))
@@ -167,7 +168,7 @@ def setup(config: Config, resume: str | None, force_resume: bool) -> Run:
     tracking.start(accelerator, config)
     run = Run(config, accelerator, policy, reference, optimizer, scheduler, loss_fn, train_loader, eval_loader,
               eval_set, eval_rows, tokenizer, data_stats, MetricsLog(out / "metrics.jsonl", accelerator), total_steps,
-              {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0})
+              {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0, "health": health.fresh()}, pairs_fingerprint)
     if start is not None:
         run.position = {key: value for key, value in restore(accelerator, start, run.metrics_log).items()
                         if key in run.position}
@@ -198,8 +199,8 @@ def optimizer_step(run: Run, batches) -> tuple[dict, float | None]:
     for batch in batches:
         with accelerator.accumulate(policy):
             loss, batch_sums = training_step(policy, run.reference, batch, run.loss_fn)
-            if engines.steps_inside_backward(accelerator) and not all_finite(accelerator, loss):
-                raise nonfinite_error(run, applied=False)  # DeepSpeed steps inside backward: check first
+            if engines.steps_inside_backward(accelerator) and not all_finite(accelerator, loss):  # DeepSpeed steps
+                raise nonfinite_error(accelerator, run.out, run.position["step"], applied=False)  # inside backward
             accelerator.backward(loss)  # accelerate divides it by grad_accum_steps
         sums = add(sums, {**batch_sums, "tokens": batch["num_tokens"]})
         if accelerator.sync_gradients:
@@ -207,7 +208,7 @@ def optimizer_step(run: Run, batches) -> tuple[dict, float | None]:
     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)
     if not all_finite(accelerator, sums["loss"], grad_norm):
         if t.on_nonfinite == "stop":
-            raise nonfinite_error(run, applied=engines.steps_inside_backward(accelerator))
+            raise nonfinite_error(accelerator, run.out, run.position["step"], engines.steps_inside_backward(accelerator))
         run.position["skipped"] += 1  # on_nonfinite: skip drops the update and counts it
     else:
         run.optimizer.step()
@@ -216,31 +217,24 @@ def optimizer_step(run: Run, batches) -> tuple[dict, float | None]:
     return sums, None if grad_norm is None else float(grad_norm)
 
 
-def nonfinite_error(run: Run, applied: bool) -> NonFiniteError:
-    found = complete_checkpoints(run.out / "checkpoints") if (run.out / "checkpoints").is_dir() else []
-    last = str(found[-1]) if found else "none (set train.save_every to keep some)"
-    how = "DeepSpeed had already applied it" if applied else "without applying it"
-    return NonFiniteError(f"step {run.position['step']}: the loss or a gradient is NaN or infinite; stopped {how}. "
-                          f"Last good checkpoint: {last}")
-
-
-def loop(run: Run) -> None:
+def loop(run: Run, stop: StopSignals) -> None:
     """Optimizer steps until total_steps, with logging, evaluation, checkpoints and stop signals."""
     accelerator, t, position = run.accelerator, run.config.train, run.position
     batches, window, t0 = micro_batches(run), None, time.perf_counter()
     reset_peak_memory()  # memory/peak_mb: the peak of the training steps, not of loading
-    with StopSignals() as stop, tqdm(total=run.total_steps, initial=position["step"], desc="train",
-                                     disable=not accelerator.is_main_process) as progress:  # closed on errors too
+    with tqdm(total=run.total_steps, initial=position["step"], desc="train",
+              disable=not accelerator.is_main_process) as progress:  # closed on errors too
         while position["step"] < run.total_steps:
             lr = run.scheduler.get_last_lr()[0]
             sums, grad_norm = optimizer_step(run, batches)
             window = add(window, sums)
             if position["step"] % t.log_every == 0 or position["step"] == run.total_steps - 1:
                 elapsed, t0 = time.perf_counter() - t0, time.perf_counter()
-                record = log_record(run, window, elapsed, grad_norm, lr)
+                record = write_record(accelerator, run.metrics_log, position, window, elapsed, grad_norm, lr)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                      margin=f"{record['rewards/margins']:.3f}")
                 window = None
+                watch(accelerator, position, record["loss"], grad_norm, t.on_divergence, run.out)  # divergence
             position["step"] += 1
             progress.update(1)
             pause, step = time.perf_counter(), position["step"]  # evaluation and saving don't count toward tokens/s
@@ -251,25 +245,14 @@ def loop(run: Run) -> None:
             if stopping or (t.save_every and step % t.save_every == 0 and step < run.total_steps):
                 path = save(run)
             if stopping:
-                raise Stopped(stop.received or "a signal to another process", path)
+                raise Stopped(f"stopped by {stop.received or 'a signal to another process'}; saved {path}; "
+                              "continue with --resume auto")
             t0 += time.perf_counter() - pause
-
-
-def log_record(run: Run, window: dict, elapsed: float, grad_norm, lr: float) -> dict:
-    """Reduce the window's sums over processes and write one metrics record."""
-    accelerator = run.accelerator
-    totals = accelerator.reduce(window, reduction="sum")
-    peak = accelerator.reduce(torch.tensor(peak_memory_mb(), device=accelerator.device), reduction="max")
-    record = {**means({k: v for k, v in totals.items() if k != "tokens"}), "grad_norm": grad_norm, "lr": lr,
-              "tokens/s": totals["tokens"].item() / elapsed, "skipped_steps": run.position["skipped"],
-              "memory/peak_mb": round(peak.item())}
-    run.metrics_log.write(run.position["step"], record)
-    return record
 
 
 def save(run: Run) -> Path:
     """A checkpoint of the run as it stands after run.position['step'] updates."""
-    state = {**run.position, "num_processes": run.accelerator.num_processes,
+    state = {**run.position, "num_processes": run.accelerator.num_processes, "data_fingerprint": run.data_fingerprint,
              "metrics_bytes": run.metrics_log.size() if run.accelerator.is_main_process else 0}
     path = save_checkpoint(run.accelerator, run.out / "checkpoints", run.position["step"], state,
                            yaml.safe_dump(run.config.to_dict(), sort_keys=False), run.config.train.keep_last)
@@ -277,24 +260,33 @@ def save(run: Run) -> Path:
     return path
 
 
-def finish(run: Run) -> dict:
-    """Final held-out evaluation, then the trained policy in Hugging Face format."""
-    accelerator, m = run.accelerator, run.config.model
-    results = {}
+def finish(run: Run, stop: StopSignals) -> dict:
+    """Final held-out evaluation (skipped on a signal), then the trained policy in Hugging Face format."""
+    accelerator, m, t = run.accelerator, run.config.model, run.config.train
+    results, notes = {}, list(run.position["health"]["warnings"])
     if run.eval_loader:
-        results = final_evaluation(accelerator, run.policy, run.reference, run.eval_loader, run.loss_fn,
-                                   run.tokenizer, run.eval_set, run.eval_rows, run.config.train.eval_max_new_tokens,
-                                   synced=engines.shards_weights(accelerator))
-        run.metrics_log.write(run.position["step"], {f"eval/{k}": v for k, v in results["policy"].items()
-                                                     if k != "examples"})
-        if accelerator.is_main_process:
-            (run.out / "eval_results.json").write_text(json.dumps(results, indent=2))
-    card = model_card(run.config.to_dict(), run.position["step"], run.data_stats, results)
+        stop.phase = "evaluation"
+        results = final_evaluation(accelerator, run.policy, run.reference, run.eval_loader, run.loss_fn, run.tokenizer,
+                                   run.eval_set, run.eval_rows, t.eval_max_new_tokens,
+                                   synced=engines.shards_weights(accelerator),
+                                   stop=lambda: engines.on_any_process(accelerator, stop.received is not None))
+        if results is None:  # a signal: the model is trained, so it is still saved
+            notes.append(f"The final evaluation was skipped: {stop.received or 'a signal'} arrived before it ended.")
+            accelerator.print(f"{notes[-1]} final/ is still written; evaluate it later with dpo-train eval --model "
+                              f"{run.out}")
+            results = {}
+        else:
+            run.metrics_log.write(run.position["step"], {f"eval/{k}": v for k, v in results["policy"].items()
+                                                         if k != "examples"})
+            if accelerator.is_main_process:
+                write_text(run.out / "eval_results.json", json.dumps(results, indent=2))
+    stop.phase = "saving"
+    card = model_card(run.config.to_dict(), run.position["step"], run.data_stats, results, notes)
     save_final(accelerator, run.policy, run.tokenizer, run.out / "final", card, merged=m.lora.save_merged)
-    run.accelerator.print(f"Saved the trained policy and tokenizer to {run.out / 'final'}")
+    accelerator.print(f"Saved the trained policy and tokenizer to {run.out / 'final'}")
     accelerator.end_training()
-    t = run.config.train
     if t.push_to_hub and accelerator.is_main_process:  # after the local save: a failed upload loses nothing
+        stop.phase = "upload"
         url = hub.push(run.out / "final", t.push_to_hub, t.hub_private)
         accelerator.print(f"Uploaded {run.out / 'final'} to {t.push_to_hub}: {url}")
     return results

@@ -16,9 +16,56 @@ from typing import Literal
 import yaml
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        first = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True) if key_node.tag != "tag:yaml.org,2002:merge" else None
+            if isinstance(key, (str, int, float, bool)) and key in first:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (first given at line "
+                                                        f"{first[key] + 1}); give each key once", key_node.start_mark)
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path):
+    """The parsed YAML of `path`; ConfigError (one line, with the line and column) when it is not valid."""
+    try:
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:  # the problem's place, and the place of what it broke off, when known
+        def at(mark):
+            return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({e.context}{at(e.context_mark)})" if e.context and e.context_mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at(e.problem_mark)}: {e.problem}{context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def numbers(tree, prefix: str = ""):
+    """(dotted key, value) of every float in a dataclass tree, list items included (`loss.weights[1]`)."""
+    if dataclasses.is_dataclass(tree):
+        for f in dataclasses.fields(tree):
+            yield from numbers(getattr(tree, f.name), f"{prefix}{f.name}.")
+    elif isinstance(tree, list):
+        for i, item in enumerate(tree):
+            yield from numbers(item, f"{prefix.rstrip('.')}[{i}].")
+    elif isinstance(tree, float):
+        yield prefix.rstrip("."), tree
+
+
 class ConfigError(ValueError):
     """A config problem, reported to the user as one line."""
     same_on_every_process = True  # every process reads the same file: printed once
+
+
+def checker(where: str):
+    """check(ok, key, why, value): raise ConfigError, one line naming `where` and the key, unless ok."""
+    def check(ok: bool, key: str, why: str, value) -> None:
+        if not ok:
+            raise ConfigError(f"{where}{key}: {why}, got {value!r}")
+    return check
 
 
 class _WrongType(ConfigError):

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,10 +8,13 @@ import time
 
 import pytest
 import torch
-from accelerate import Accelerator
+from typer.testing import CliRunner
 
-from dpo_train.checkpoint import (MARKER, CheckpointError, StopSignals, complete_checkpoints, config_differences,
+from dpo_train.checkpoint import (MARKER, CheckpointError, complete_checkpoints, config_differences, damage,
                                   find_resume_point, is_complete)
+from dpo_train.cli import app
+from dpo_train.health import NonFiniteError
+from dpo_train.signals import StopSignals
 from dpo_train.trainer import train
 from test_trainer import final_weights, read_metrics, tiny_config
 
@@ -69,18 +73,109 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, tiny_model_dir, tiny_da
 def test_incomplete_or_damaged_checkpoints_are_skipped(tmp_path, tiny_model_dir, tiny_data):
     config = tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, "train.max_steps=6", "train.keep_last=3")
     train(config)
-    root = tmp_path / "run" / "checkpoints"
+    root, warnings = tmp_path / "run" / "checkpoints", []
     assert [p.name for p in complete_checkpoints(root)] == ["step-2", "step-4"]
     (root / "step-4" / MARKER).unlink()  # a save that never finished
-    with pytest.warns(UserWarning, match="step-4"):
-        assert find_resume_point(tmp_path / "run", "auto") == root / "step-2"
+    assert find_resume_point(tmp_path / "run", "auto", warnings.append) == root / "step-2"
+    assert warnings == [f"warning: skipping checkpoint {root / 'step-4'}: no {MARKER}: its save did not finish"]
     weights = root / "step-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated file
     assert not is_complete(root / "step-2")
-    with pytest.warns(UserWarning):
-        assert find_resume_point(tmp_path / "run", "auto") is None
-    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+    assert find_resume_point(tmp_path / "run", "auto", warnings.append) is None
+    assert warnings[-1].endswith("step-2: model.safetensors is missing or not the size it was saved with")
+    with pytest.raises(CheckpointError, match="step-2: not a usable checkpoint: model.safetensors is missing"):
         find_resume_point(tmp_path / "run", str(root / "step-2"))
+
+
+def flip(path, offset: int, data: bytes) -> None:
+    """Overwrite `len(data)` bytes of `path` at `offset` in place: same size, other content."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        before = f.read(len(data))
+        assert before != data
+        f.seek(offset)
+        f.write(data)
+
+
+# Same-size damage the sizes in the manifest cannot see: (file, offset, bytes written there)
+DAMAGE = {"weights-one-byte": ("model.safetensors", -1000, None), "weights-64KiB-of-zeros": ("model.safetensors", 20000,
+          bytes(65536)), "weights-4KiB-of-0xFF": ("model.safetensors", 8192, b"\xff" * 4096),
+          "safetensors-header": ("model.safetensors", 20, None), "optimizer": ("optimizer.bin", 5000, None),
+          "trainer-state": ("trainer_state.json", 10, None)}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir, tiny_data):
+    """An uninterrupted 8-step run with checkpoints at steps 2, 4 and 6."""
+    root = tmp_path_factory.mktemp("full")
+    train(tiny_config(root, tiny_model_dir, tiny_data, *RUN, "train.keep_last=3"))
+    return root
+
+
+def damaged_copy(tmp_path, full_run, damaged: str):
+    """A copy of `full_run` without final/, one file of its newest checkpoint (step-6) damaged as DAMAGE says."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run / "run", run)
+    shutil.rmtree(run / "final")
+    name, offset, data = DAMAGE[damaged]
+    target = run / "checkpoints" / "step-6" / name
+    offset = offset % target.stat().st_size
+    flip(target, offset, data or bytes([target.read_bytes()[offset] ^ 0x01]))
+    return run, target
+
+
+@pytest.mark.parametrize("damaged", DAMAGE)
+def test_same_size_damage_is_found_and_skipped(tmp_path, full_run, tiny_model_dir, tiny_data, damaged):
+    """A real byte change in one file of the newest checkpoint, sizes unchanged: --resume auto warns once, naming
+    it, and takes the checkpoint before it; --resume to it is refused in one line (exit 2)."""
+    run, target = damaged_copy(tmp_path, full_run, damaged)
+    name = target.name
+    assert is_complete(target.parent)  # every size is as recorded: only the checksum sees it
+    warnings = []
+    assert find_resume_point(run, "auto", warnings.append) == run / "checkpoints" / "step-4"
+    assert warnings == [f"warning: skipping checkpoint {target.parent}: {name} does not match its sha256 checksum"]
+    tiny_config(tmp_path, tiny_model_dir, tiny_data)  # writes tiny.yaml
+    result = CliRunner().invoke(app, ["--config", str(tmp_path / "tiny.yaml"), "--resume", str(target.parent),
+                                      *RUN, "train.keep_last=3"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"error: --resume {target.parent}: not a usable checkpoint: {name} "
+                                                  f"does not match its sha256 checksum; choose another one, or "
+                                                  "--resume auto for the newest one that verifies"]
+
+
+def test_resume_past_a_damaged_checkpoint_is_bitwise_exact(tmp_path, full_run, tiny_model_dir, tiny_data, capsys):
+    """4 KiB of 0xFF in step-6's weights (once a NaN stop that named step-6 as good): the resume warns, continues
+    from step-4 and ends with the uninterrupted run's weights; step-6 is saved again, whole."""
+    run, target = damaged_copy(tmp_path, full_run, "weights-4KiB-of-0xFF")
+    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, "train.keep_last=3"), resume="auto")
+    out = capsys.readouterr().out
+    assert out.count("warning: skipping checkpoint") == 1 and f"Resumed from {run / 'checkpoints' / 'step-4'}" in out
+    expected, got = final_weights(full_run / "run"), final_weights(run)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert damage(target.parent) is None
+
+
+def test_the_nan_stop_names_the_newest_checkpoint_that_verifies(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
+    """step-4 is damaged on disk right after it is saved; a NaN at step 5 names step-2, the newest that verifies."""
+    import dpo_train.trainer as trainer
+    real_save, real_step, calls = trainer.save_checkpoint, trainer.training_step, []
+
+    def save_then_damage(accelerator, root, step, *args, **kwargs):
+        path = real_save(accelerator, root, step, *args, **kwargs)
+        if step == 4:
+            flip(path / "optimizer.bin", 4096, b"\x00" * 8)
+        return path
+
+    def nan_at_step_5(*args):
+        loss, sums = real_step(*args)
+        calls.append(None)
+        return (loss * float("nan") if (len(calls) - 1) // 2 == 5 else loss), sums
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_damage)
+    monkeypatch.setattr(trainer, "training_step", nan_at_step_5)
+    with pytest.raises(NonFiniteError) as error:
+        train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN))
+    assert str(error.value).endswith(f"Last good checkpoint: {tmp_path / 'run' / 'checkpoints' / 'step-2'}")
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path, tiny_model_dir, tiny_data):
@@ -106,24 +201,9 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, tiny_model_dir, 
     assert "starting fresh" in capsys.readouterr().out
 
 
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
-    real_save_state, calls = Accelerator.save_state, []
-
-    def disk_full_on_second_save(self, output_dir, **kwargs):
-        calls.append(output_dir)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real_save_state(self, output_dir, **kwargs)
-
-    monkeypatch.setattr(Accelerator, "save_state", disk_full_on_second_save)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is untouched"):
-        train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN))
-    root = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in root.iterdir()] == ["step-2"] and is_complete(root / "step-2")
-
-
 def test_a_second_sigint_aborts_at_once():
     with StopSignals() as stop:
+        stop.phase = "train"
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.received == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):
@@ -151,3 +231,25 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_then_resumes(tmp_path, tiny_mod
                                           "--force-resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(step + 2))
+
+
+def test_a_train_file_changed_since_the_checkpoint_is_refused(tmp_path, tiny_model_dir, tiny_data, capsys):
+    """One answer edited in place, the row count unchanged (what a mixture's `rows` cannot see): the tokenized
+    pairs' fingerprint in the checkpoint differs, so the resume is refused in one line; --force-resume goes on."""
+    from conftest import arithmetic_pairs, write_jsonl
+
+    rows = arithmetic_pairs(48, 0)
+    train_file = tmp_path / "pairs.jsonl"
+    write_jsonl(train_file, rows)
+    overrides = [*RUN, "train.max_steps=3", f"data.train={train_file}"]
+    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides))
+    rows[30]["chosen"] = rows[30]["chosen"] + "0"
+    write_jsonl(train_file, rows)
+    with pytest.raises(CheckpointError) as error:
+        train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides), resume="auto")
+    assert str(error.value) == (f"{tmp_path / 'run' / 'checkpoints' / 'step-2'}: this run differs from the "
+                                "checkpoint's in the content of data.train (its tokenized pairs: a file changed "
+                                "since), which changes the training math; pass --force-resume to continue anyway")
+    capsys.readouterr()
+    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *overrides), resume="auto", force_resume=True)
+    assert "warning: resuming despite differences in the content of data.train" in capsys.readouterr().out

@@ -230,3 +230,63 @@ def test_chat_template_names_a_shipped_template_or_a_file(tmp_path):
     assert load_config(write(tmp_path, GOOD), [f"data.chat_template={tmp_path / 't.jinja'}"]).data.chat_template == \
         str(tmp_path / "t.jinja")
     assert load_config(write(tmp_path, GOOD), ["data.system_prompt=Be brief."]).data.system_prompt == "Be brief."
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: a whole second `loss:` section would replace the
+    first. The loader refuses it, at any depth, with the line of each."""
+    twice = GOOD + "loss: {beta: 0.5}\n"  # the second loss section is on line 6, the first on line 4
+    assert error(tmp_path, twice) == (f"{tmp_path / 'config.yaml'}: not valid YAML at line 6, column 1: duplicate key "
+                                      "'loss' (first given at line 4); give each key once")
+    nested = "train:\n  output_dir: out\n  seed: 1\n  max_steps: 3\n  seed: 2\n"
+    assert "line 5, column 3: duplicate key 'seed' (first given at line 3)" in error(tmp_path, nested)
+    anchors = "base: &b {beta: 0.1}\nloss:\n  <<: *b\n  beta: 0.2\n"  # a merge key's values may be overridden
+    assert "duplicate" not in error(tmp_path, anchors)  # (refused only for the unknown section `base`)
+
+
+def test_yaml_errors_keep_their_line_and_column(tmp_path):
+    tab = "model: {name_or_path: x}\ntrain:\n\toutput_dir: out\n"  # a tab cannot indent YAML
+    assert error(tmp_path, tab) == (f"{tmp_path / 'config.yaml'}: not valid YAML at line 3, column 1: found character "
+                                    "'\\t' that cannot start any token")
+    assert error(tmp_path, "model: {name_or_path: [unclosed\n").endswith(
+        "not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence "
+        "at line 1, column 23)")
+
+
+def numeric_keys(cls=None, prefix=""):
+    """(dotted key, 'int' or 'float') of every number of the config tree outside lists."""
+    import dataclasses
+
+    from dpo_train.config import Config
+    cls = cls or Config
+    for f, hint in zip(dataclasses.fields(cls), typing.get_type_hints(cls).values()):
+        args = set(typing.get_args(hint)) or {hint}
+        if dataclasses.is_dataclass(hint):
+            yield from numeric_keys(hint, f"{prefix}{f.name}.")
+        elif args & {int, float} and not args & {str, bool}:
+            yield f"{prefix}{f.name}", "float" if float in args else "int"
+
+
+# Settings read only with another setting: given with it, so that the range check (not that rule) answers
+CONTEXT = {"loss.gamma": ["loss.type=simpo"], "loss.label_smoothing": ["loss.type=robust"],
+           "loss.discopop_tau": ["loss.type=discopop"], "loss.f_alpha": ["loss.f_divergence=alpha_divergence"]}
+NEGATIVE_ALLOWED = {"loss.gamma", "loss.f_alpha"}  # a target margin and an alpha may be below 0
+
+
+@pytest.mark.parametrize("key, kind", list(numeric_keys()))
+def test_every_number_is_range_checked(tmp_path, key, kind):
+    """-1 (where no negative value means anything), NaN and infinity are one-line errors naming the key, never a
+    traceback later in the run (train.seed=-1 once reached NumPy)."""
+    bad = ([] if key in NEGATIVE_ALLOWED else ["-1"]) + ([".nan", ".inf", "-.inf"] if kind == "float" else [])
+    for value in bad:
+        assert f": {key}: " in error(tmp_path, GOOD, [*CONTEXT.get(key, []), f"{key}={value}"]), value
+    assert load_config(write(tmp_path, GOOD), CONTEXT.get(key, [])) is not None  # the context alone is fine
+
+
+@pytest.mark.parametrize("override, names", [("train.seed=4294967296", "train.seed: must be in [0, 2**32)"),
+                                             ("train.collective_timeout=1000000000000", "train.collective_timeout"),
+                                             ("loss.weights=[1, .nan]", "loss.weights"),
+                                             ("train.learning_rate=.inf", "train.learning_rate: must be a finite")])
+def test_upper_bounds_and_list_items(tmp_path, override, names):
+    assert names in error(tmp_path, GOOD, [override])
+    assert load_config(write(tmp_path, GOOD), ["train.seed=4294967295"]).train.seed == 2**32 - 1

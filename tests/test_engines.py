@@ -183,8 +183,9 @@ def test_a_checkpoint_is_resumed_only_by_as_many_processes_as_wrote_it(runs, tin
 
 # fault: (engine, DPO_TRAIN_FAULT, the one error line expected on stderr)
 FAULTS = {
-    # the main process cannot write a checkpoint: every process stops with that error, printed once
-    "save-fails-on-main": ("fsdp", "save_fails:0", r"^error: cannot save checkpoint .*step-2: \[Errno 28\] No space left"),
+    # the disk (a real tmpfs, filled) is full when both processes write their shards: every process stops with
+    # that error, printed once
+    "disk-full-at-a-checkpoint": ("fsdp", "", r"^error: cannot save checkpoint .*step-2: no space left on device"),
     # one process meets bad data mid-run: its error, named by rank; the launcher ends the others
     "data-error-on-one-rank": ("zero3", "data_error:1:3", r"^\[rank 1\] error: .*a bad batch on rank 1$"),
     # one process's loss is NaN: every process stops at the same step (before DeepSpeed's backward applies it)
@@ -199,9 +200,21 @@ def test_a_fault_on_one_process_ends_every_process_with_one_error(runs, fault):
     """No process is left waiting for a failed one: the launch ends well inside its timeout (each
     process would give up on a collective after train.collective_timeout = 60 s), with one error line."""
     engine, spec, message = FAULTS[fault]
-    start = time.monotonic()
-    result = launch(engine, runs.config, *RUN, "train.grad_accum_steps=1", f"train.output_dir={runs.root / fault}",
-                    fault=spec, cache=runs.root / f"cache-{fault}", timeout=240, check=False)
+    out, start = runs.root / fault, time.monotonic()
+    try:
+        if fault == "disk-full-at-a-checkpoint":
+            from test_run_dir import fill, mount_tmpfs
+
+            mount_tmpfs(runs.root / "small-fs", "size=20m")
+            out = runs.root / "small-fs" / "run"
+            fill(runs.root / "small-fs", 8)  # the lock, config.yaml and metrics.jsonl fit; a checkpoint does not
+        result = launch(engine, runs.config, *RUN, "train.grad_accum_steps=1", f"train.output_dir={out}",
+                        fault=spec, cache=runs.root / f"cache-{fault}", timeout=240, check=False)
+        if fault == "disk-full-at-a-checkpoint":
+            assert not list((out / "checkpoints").glob(".tmp*"))  # the partial folder removed
+    finally:
+        if fault == "disk-full-at-a-checkpoint":
+            subprocess.run(["umount", "-l", str(runs.root / "small-fs")], check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if re.match(r"^(\[rank \d+\] )?error: ", line)]
     assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-3000:]

@@ -6,7 +6,6 @@ fault in DPO_TRAIN_FAULT, so the command under test stays exactly what a user ru
 touched; the launcher itself is not.
 
     kill_after_save:STEP      every process SIGKILLs itself right after checkpoint STEP is saved
-    save_fails:RANK           that process's disk is full while a checkpoint is written
     data_error:RANK:BATCH     that process's BATCH-th training batch (1-based) is bad data
     nan_loss:RANK:CALL        that process's loss is NaN in its CALL-th training step (0-based)
 """
@@ -18,7 +17,6 @@ FAULT = os.environ.get("DPO_TRAIN_FAULT", "")
 if FAULT and "LOCAL_RANK" in os.environ:
     import signal
 
-    import dpo_train.checkpoint as checkpoint
     import dpo_train.trainer as trainer
     from dpo_train.data import DataError
 
@@ -35,11 +33,6 @@ if FAULT and "LOCAL_RANK" in os.environ:
             return path
 
         trainer.save_checkpoint = save_then_die
-    elif kind == "save_fails" and rank == args[0]:
-        def disk_full(path):
-            raise OSError(28, "No space left on device", str(path))
-
-        checkpoint._fsync = disk_full
     elif kind == "data_error" and rank == args[0]:
         batches = trainer.micro_batches
 
