@@ -39,6 +39,9 @@ app = typer.Typer(
          "  dpo-train --config CONFIG.yaml [KEY=VALUE]... [--resume auto|PATH] [--force-resume]\n"
          "Write the quickstart's config and data into a directory, to run it from there:\n"
          "  dpo-train init [DIR]\n"
+         "On-policy pairs (sample, judge, pair), and rounds of them with DPO (docs/on-policy.md):\n"
+         "  dpo-train generate --config CONFIG.yaml [KEY=VALUE]...\n"
+         "  dpo-train rounds --config CONFIG.yaml [KEY=VALUE]... [--force-resume]\n"
          "Check the data without training, plot a run, evaluate a trained model:\n"
          "  dpo-train check-data --config CONFIG.yaml [KEY=VALUE]...\n"
          "  dpo-train plot RUN_DIR\n"
@@ -246,3 +249,60 @@ def evaluate(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
         typer.echo(f"\nwrote {json_path}")
+
+
+@app.command(epilog=CONFIG_KEYS)
+def generate(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """On-policy preference pairs: sample generate.num_samples completions for each prompt of data.train
+    from model.name_or_path, score each with generate.judge (answer, reward_model or function) and pair
+    the best against the worst. Writes generate.output (default {train.output_dir}/pairs.jsonl), which
+    `dpo-train` trains on as it is, and beside it NAME.generation.yaml: the sampling settings, the
+    counts (pairs; prompts dropped, and why) and the completions/s. Under a launcher each process
+    samples its share of the prompts. docs/on-policy.md describes it."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from .generate import generate_pairs
+        generate_pairs(cfg)
+    except user_errors() as e:
+        fail(e)
+    if LAUNCHED:  # as after training: skip the interpreter's teardown of the distributed stack
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+@app.command(epilog=CONFIG_KEYS)
+def rounds(
+    config: Path = CONFIG,
+    overrides: Optional[List[str]] = OVERRIDES,
+    force_resume: bool = typer.Option(False, "--force-resume", help="Continue although the config differs from the "
+                                                                    "one the rounds started with."),
+) -> None:
+    """Iterative on-policy DPO: rounds.count rounds, each sampling pairs from the current policy (as
+    `dpo-train generate` does, prompts from data.train) and DPO-training it on them (as `dpo-train`
+    does, train.max_steps steps), the reference the original model or the previous round's policy
+    (rounds.reference). Round N lives in {train.output_dir}/round-N/: pairs.jsonl, the run
+    (config.yaml, metrics.jsonl, checkpoints/, final/) and eval_results.json. Run the same command
+    again to continue after an interruption, a SIGKILL included: the results are those of an
+    uninterrupted run. docs/on-policy.md describes it."""
+    from .checkpoint import Stopped
+    from .config import load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from .rounds import PhaseFailed, run_rounds
+        try:
+            run_rounds(cfg, force=force_resume)
+        except PhaseFailed as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code)
+    except user_errors() as e:
+        fail(e)
+    except Stopped as e:
+        typer.echo(f"{str(e).split('; continue')[0]}; continue with the same dpo-train rounds command", err=True)
+        raise typer.Exit(75)
+    except KeyboardInterrupt:
+        typer.echo("aborted by a second Ctrl-C; run the same command again to continue", err=True)
+        raise typer.Exit(130)
