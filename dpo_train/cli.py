@@ -253,12 +253,10 @@ def evaluate(
 
 @app.command(epilog=CONFIG_KEYS)
 def generate(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES) -> None:
-    """On-policy preference pairs: sample generate.num_samples completions for each prompt of data.train
-    from model.name_or_path, score each with generate.judge (answer, reward_model or function) and pair
-    the best against the worst. Writes generate.output (default {train.output_dir}/pairs.jsonl), which
-    `dpo-train` trains on as it is, and beside it NAME.generation.yaml: the sampling settings, the
-    counts (pairs; prompts dropped, and why) and the completions/s. Under a launcher each process
-    samples its share of the prompts. docs/on-policy.md describes it."""
+    """Sample generate.num_samples completions per prompt of data.train from model.name_or_path, score them
+    with generate.judge, and write best-against-worst pairs that `dpo-train` trains on as they are to
+    generate.output (default {train.output_dir}/pairs.jsonl), with NAME.generation.yaml beside it: the
+    settings, counts and completions/s. Under a launcher each process samples its share. See docs/on-policy.md."""
     from .config import load_config
 
     try:
@@ -274,32 +272,23 @@ def generate(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES) 
 
 
 @app.command(epilog=CONFIG_KEYS)
-def rounds(
-    config: Path = CONFIG,
-    overrides: Optional[List[str]] = OVERRIDES,
-    force_resume: bool = typer.Option(False, "--force-resume", help="Continue although the config differs from the "
-                                                                    "one the rounds started with."),
-) -> None:
-    """Iterative on-policy DPO: rounds.count rounds, each sampling pairs from the current policy (as
-    `dpo-train generate` does, prompts from data.train) and DPO-training it on them (as `dpo-train`
-    does, train.max_steps steps), the reference the original model or the previous round's policy
-    (rounds.reference). Round N lives in {train.output_dir}/round-N/: pairs.jsonl, the run
-    (config.yaml, metrics.jsonl, checkpoints/, final/) and eval_results.json. Run the same command
-    again to continue after an interruption, a SIGKILL included: the results are those of an
-    uninterrupted run. docs/on-policy.md describes it."""
+def rounds(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES,
+           force_resume: bool = typer.Option(False, "--force-resume", help="Continue although the config differs "
+                                                                           "from the one the rounds started with.")) -> None:
+    """rounds.count rounds of: sample pairs from the current policy (as `generate` does), DPO-train it on them
+    (as `train` does), each round in {train.output_dir}/round-N/. The same command continues after an
+    interruption (SIGKILL too) with the results of an uninterrupted run. See docs/on-policy.md."""
     from .checkpoint import Stopped
     from .config import load_config
+    from .rounds import PhaseFailed, run_rounds
 
     try:
-        cfg = load_config(config, overrides or [])
-        from .rounds import PhaseFailed, run_rounds
-        try:
-            run_rounds(cfg, force=force_resume)
-        except PhaseFailed as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(e.exit_code)
+        run_rounds(load_config(config, overrides or []), force=force_resume)
     except user_errors() as e:
         fail(e)
+    except PhaseFailed as e:  # a launched phase failed; its own message is above
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code)
     except Stopped as e:
         typer.echo(f"{str(e).split('; continue')[0]}; continue with the same dpo-train rounds command", err=True)
         raise typer.Exit(75)

@@ -42,16 +42,15 @@ def generate_pairs(config) -> dict:
         tokenizer = load_tokenizer(m.name_or_path)
         templates.adopt(tokenizer, d.chat_template)
         prompts = load_prompts(d, tokenizer, t.seed)
-    judge = build_judge(g, accelerator.device, m.dtype)  # a judge that cannot load stops before the model loads
-    judge.check(prompts)
     backend = choose_backend(g.backend, accelerator.num_processes)
-    if backend == "vllm":
-        log("generate.backend: vLLM (this path has not run in dpo-train's tests)")
-        sampler = VLLMSampler(hf_dir(m.name_or_path), m.dtype, g)
-    else:
-        with engines.loading_whole_models():  # inference only: every process holds the whole model
-            model = load_model(m.name_or_path, m.dtype)
-        sampler = HFSampler(model.to(accelerator.device).eval(), tokenizer, g)
+    with engines.loading_whole_models():  # inference only: every process holds whole models, also under ZeRO-3
+        judge = build_judge(g, accelerator.device, m.dtype)  # one that cannot load stops before the policy loads
+        judge.check(prompts)
+        if backend == "hf":
+            sampler = HFSampler(load_model(m.name_or_path, m.dtype).to(accelerator.device).eval(), tokenizer, g)
+        else:
+            log("generate.backend: vLLM (this path has not run in dpo-train's tests)")
+            sampler = VLLMSampler(hf_dir(m.name_or_path), m.dtype, g)
     log(f"sampling {g.num_samples} completions for each of {len(prompts)} prompts from {m.name_or_path} "
         f"({backend}, {accelerator.num_processes} process(es)), judged by {judge.name}")
     batches = [(index, start) for index, start in enumerate(range(0, len(prompts), g.batch_size))]

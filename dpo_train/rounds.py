@@ -80,7 +80,8 @@ def round_configs(config: Config, number: int, folder: Path) -> tuple[Config, Co
     source = Source(path=str(pairs), split="train", columns=Columns("prompt", "chosen", "rejected"))
     training = dataclasses.replace(config, model=dataclasses.replace(
         m, name_or_path=policy, ref_name_or_path=None if reference == policy else reference),
-        data=dataclasses.replace(d, train=[source]), train=dataclasses.replace(t, output_dir=str(folder)))
+        data=dataclasses.replace(d, train=[source]), train=dataclasses.replace(
+            t, output_dir=str(folder), push_to_hub=t.push_to_hub if number == config.rounds.count else None))  # the last only
     return sampling, training
 
 

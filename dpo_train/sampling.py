@@ -49,11 +49,13 @@ class HFSampler:
         from transformers import GenerationConfig
 
         self.model, self.tokenizer, self.k = model, tokenizer, generate.num_samples
-        # every setting given, so nothing comes from the checkpoint's generation_config.json
+        # what the settings record is all that runs: generate fills unset values from the checkpoint's
+        # generation_config.json (min_p, no_repeat_ngram_size, ...), so that one is emptied
+        model.generation_config = GenerationConfig()
         self.config = GenerationConfig(do_sample=True, temperature=generate.temperature, top_p=generate.top_p,
                                        top_k=generate.top_k, max_new_tokens=generate.max_new_tokens,
                                        num_return_sequences=generate.num_samples, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, repetition_penalty=1.0)
+                                       eos_token_id=tokenizer.eos_token_id)
 
     @torch.no_grad()
     def __call__(self, prompt_ids: list[list[int]], seed: int) -> Sampled:

@@ -5,6 +5,7 @@ as it is, and a judge that fails on a row: one line naming it, nothing written."
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -89,6 +90,13 @@ def test_sampling_with_top_k_1_is_greedy_generation_and_seeds_matter(tmp_path, t
     assert sampled.texts == [[greedy(model, tokenizer, [p], 8, show=False)[0]] * 4 for p in ids]
     free = HFSampler(model, tokenizer, gen_config(tmp_path, tiny_model_dir, prompts_file).generate)
     assert free(ids, seed=1).texts == free(ids, seed=1).texts != free(ids, seed=2).texts
+    # a checkpoint's own generation_config.json changes nothing: the settings are all that runs
+    shutil.copytree(tiny_model_dir, tmp_path / "opinionated")
+    (tmp_path / "opinionated" / "generation_config.json").write_text(json.dumps({"min_p": 0.9, "top_k": 2}))
+    opinionated = load_model(str(tmp_path / "opinionated"), "float32").eval()
+    assert opinionated.generation_config.min_p == 0.9
+    sampler = HFSampler(opinionated, tokenizer, gen_config(tmp_path, tiny_model_dir, prompts_file).generate)
+    assert sampler(ids, seed=1).texts == free(ids, seed=1).texts
 
 
 def test_generate_writes_pairs_that_train_as_they_are(tmp_path, tiny_model_dir, prompts_file, tiny_data):

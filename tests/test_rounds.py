@@ -16,8 +16,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from dpo_train.checkpoint import CheckpointError, complete_checkpoints
+from dpo_train.cli import app
 from dpo_train.config import ConfigError, load_config
 from dpo_train.generate import generate_pairs
 from dpo_train.rounds import round_configs, run_rounds
@@ -76,6 +78,15 @@ def test_each_round_samples_from_the_last_policy_and_trains_in_its_own_folder(tm
                                               r"\(generate.num_samples differ\)"):
         run_rounds(load_config(path, [f"rounds.reference={reference}", "generate.num_samples=3"]))
     assert run_rounds(load_config(path, [f"rounds.reference={reference}", "rounds.count=1"])) == records[:1]
+
+
+def test_a_failed_launched_phase_ends_the_rounds_with_its_exit_code(tmp_path, tiny_model_dir, tiny_data):
+    path, _ = rounds_config(tmp_path, tiny_model_dir, tiny_data)
+    result = CliRunner().invoke(app, ["rounds", "--config", str(path), "rounds.launcher=/bin/false"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert errors[0].startswith("error: round 1: generate failed (exit code 1): /bin/false -m dpo_train generate --config ")
+    assert not (tmp_path / "rounds" / "round-1" / "pairs.jsonl").exists()
 
 
 def test_the_reference_is_the_original_model_or_the_previous_policy(tmp_path, tiny_model_dir, tiny_data):
@@ -184,14 +195,16 @@ def test_rounds_resume_after_sigkill_at_any_point_with_the_uninterrupted_results
 
 
 @pytest.mark.slow  # launches two processes that import torch and transformers
-def test_generation_on_two_processes_gives_the_pairs_of_one(tmp_path, tiny_model_dir, tiny_data):
-    """`COMMAND=generate scripts/launch.sh ddp CONFIG`: each process samples its share of the batches, the
-    main process writes what was gathered: the same pairs as one process, byte for byte."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "zero3"])
+def test_generation_on_two_processes_gives_the_pairs_of_one(tmp_path, tiny_model_dir, tiny_data, engine):
+    """`COMMAND=generate scripts/launch.sh ENGINE CONFIG`: each process samples its share of the batches with
+    the whole model (ZeRO-3 and FSDP2 shard nothing here), the main process writes what was gathered: the
+    same pairs as one process, byte for byte."""
     path, config = rounds_config(tmp_path, tiny_model_dir, tiny_data, f"generate.output={tmp_path / 'one.jsonl'}")
     generate_pairs(config)
     os.environ["COMMAND"] = "generate"
     try:
-        result = launch("ddp", path, f"generate.output={tmp_path / 'two.jsonl'}", cache=tmp_path / "cache")
+        result = launch(engine, path, f"generate.output={tmp_path / 'two.jsonl'}", cache=tmp_path / "cache")
     finally:
         del os.environ["COMMAND"]
     assert "on 2 CPU processes (gloo)" in result.stdout and "(hf, 2 process(es))" in result.stdout
