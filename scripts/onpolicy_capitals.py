@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -51,6 +52,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep what the runs wrote")
     args = parser.parse_args()
+    os.chdir(ROOT)  # the quickstart config names its data relative to the checkout
     out = args.out or Path(tempfile.mkdtemp(prefix="dpo-onpolicy-"))
     prompts = "data/capitals/train.jsonl" if args.prompts >= 249 else \
         f"[{{path: data/capitals/train.jsonl, take: {args.prompts}}}]"
@@ -59,7 +61,8 @@ def main() -> None:
     try:
         rounds_config = load_config(ROOT / "configs" / "quickstart.yaml", [
             *common, f"data.train={prompts}", f"train.output_dir={out / 'onpolicy'}", f"train.max_steps={args.steps}",
-            f"rounds.count={args.rounds}", f"rounds.reference={args.reference}", "generate.judge=answer", f"generate.pairing={args.pairing}",
+            f"rounds.count={args.rounds}", f"rounds.reference={args.reference}", "generate.judge=answer",
+            f"generate.pairing={args.pairing}",
             f"generate.num_samples={args.samples}", f"generate.max_new_tokens={args.max_new_tokens}",
             f"generate.temperature={args.temperature}", f"generate.batch_size={args.batch_size}"])
         start = time.perf_counter()
