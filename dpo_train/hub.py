@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 EXIT_CODE = 3  # the run is complete and saved locally; only the upload failed
+
+
+def is_repo_id(text: str) -> bool:
+    """OWNER/NAME or NAME, as the hub allows them (letters, digits, '-', '_', '.')."""
+    return bool(re.fullmatch(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}", text)) and ".." not in text and \
+        not text.startswith(("-", ".")) and not text.endswith(".")
 
 
 class HubError(RuntimeError):
