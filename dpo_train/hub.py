@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 EXIT_CODE = 3  # the run is complete and saved locally; only the upload failed
@@ -9,6 +10,12 @@ EXIT_CODE = 3  # the run is complete and saved locally; only the upload failed
 
 class HubError(RuntimeError):
     """The upload failed after the local save was complete, explained in one line."""
+
+
+def is_repo_id(text: str) -> bool:
+    """OWNER/NAME or NAME, as the hub allows them (letters, digits, '-', '_', '.')."""
+    return bool(re.fullmatch(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}", text)) and ".." not in text and \
+        not text.startswith(("-", ".")) and not text.endswith(".")
 
 
 def push(folder: Path, repo_id: str, private: bool = False) -> str:

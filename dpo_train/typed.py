@@ -77,6 +77,8 @@ def _coerce(value, hint, key: str, path: Path):
         return value
     if hint is bool and isinstance(value, bool):
         return value
+    if hint is dict and isinstance(value, dict):  # passed on as it is (model.init_kwargs, data.chat_template_kwargs)
+        return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is float and not isinstance(value, bool):
@@ -110,6 +112,8 @@ def _kind(hint) -> str:
         return " or ".join(_kind(a) for a in args)
     if hint is type(None):
         return "null"
+    if hint is dict:
+        return "mapping"
     if dataclasses.is_dataclass(hint):
         return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
     return getattr(hint, "__name__", str(hint))
