@@ -16,10 +16,7 @@ import sys
 
 import torch
 
-
-class RouterError(ValueError):
-    """A router setting a model cannot honour, in one line."""
-    same_on_every_process = True
+from .typed import ConfigError
 
 
 def text_config(model):
@@ -33,12 +30,12 @@ def coefficient(setting: float | None, model) -> float:
     config = text_config(model)
     if not hasattr(config, "output_router_logits"):
         if setting:
-            raise RouterError(f"loss.router_aux_coef: {type(model).__name__} is not a mixture-of-experts model that "
+            raise ConfigError(f"loss.router_aux_coef: {type(model).__name__} is not a mixture-of-experts model that "
                               "returns its router logits; leave it null or 0")
         return 0.0
     coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if setting is None else float(setting)
     if coef and loss_function(model) is None:
-        raise RouterError(f"loss.router_aux_coef: {type(model).__name__}'s module has no load_balancing_loss_func "
+        raise ConfigError(f"loss.router_aux_coef: {type(model).__name__}'s module has no load_balancing_loss_func "
                           "to compute the router loss with; set loss.router_aux_coef: 0")
     return coef
 
