@@ -124,7 +124,7 @@ def load_model(name_or_path: str, dtype: str, init_kwargs: dict | None = None) -
             raise ModelError(f"{name_or_path}: not a causal language model ({kind}); DPO needs a "
                              "decoder-only model that AutoModelForCausalLM loads")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **init_kwargs)
-    except (OSError, ValueError, TypeError) as e:  # TypeError: an init_kwargs key from_pretrained does not take
+    except (OSError, ValueError, TypeError, ImportError) as e:  # model.init_kwargs: a key it does not take, a missing kernel
         raise ModelError(f"{name_or_path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     disable_dropout(model)
     return model
