@@ -98,6 +98,11 @@ def checks(results: dict) -> list[str]:
             detail = (f": {len(losses)} steps, losses {[round(x, 4) for x in losses]}, final model saved: "
                       f"{result['final_saved']}")
         lines.append(f"- {name}, 1 process: {status(result) if result else 'not run'}{detail}")
+    families = results.get("families", {})
+    lines.append(f"- model families on FlexAttention (packed) and rows, fp32, max relative difference from a naive "
+                 f"forward (log-probs) and from padded (gradients): {status(families) if families else 'not run'}")
+    lines += [f"  - {r['family']}: packed {r['packed']}, rows {r['rows']}, gradients packed {r.get('packed_grads')}, "
+              f"rows {r.get('rows_grads')}" for r in families.get("families", [])]
     return lines
 
 

@@ -98,10 +98,10 @@ def tokenized_pairs(tokenizer) -> list[dict]:
 
 def naive_logps(model, pairs: list[dict]) -> torch.Tensor:
     """(2B,) chosen then rejected: each sequence alone (no padding, no packing), log_softmax + gather."""
-    sums = []
+    sums, device = [], next(model.parameters()).device
     for side in ("chosen_ids", "rejected_ids"):
         for pair in pairs:
-            ids = torch.tensor([pair["prompt_ids"] + pair[side]])
+            ids = torch.tensor([pair["prompt_ids"] + pair[side]], device=device)
             logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
             targets = ids[0, 1:]
             first = len(pair["prompt_ids"]) - 1  # the position predicting the completion's first token
@@ -113,10 +113,12 @@ def layout_logps(model, pairs: list[dict], layout: str, pad_token_id: int = 1) -
     """(2B,) chosen then rejected, scored in `layout` (the layout forced, whatever the decision would pick)."""
     from dpo_train.data import COLLATES
     from dpo_train.logps import forward_sums
-    return forward_sums(model, COLLATES[layout](pairs, pad_token_id))["logps"]
+    device = next(model.parameters()).device
+    return forward_sums(model, {k: v.to(device) for k, v in COLLATES[layout](pairs, pad_token_id).items()})["logps"]
 
 
 def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.cpu(), expected.cpu()
     return float(((got - expected).abs() / expected.abs().clamp(min=1e-6)).max())
 
 
