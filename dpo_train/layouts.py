@@ -24,7 +24,7 @@ import torch
 
 from . import attention, engines
 from .data import COLLATES, collate
-from .logps import forward_sums, hidden_states_or_logits, unwrapped
+from .logps import HEAD_INSIDE, forward_sums, hidden_states_or_logits, separable_head, unwrapped
 
 ORDER = ("packed", "rows", "padded")  # fastest first; padded is exact for every causal model
 SURVEY_LENGTH = 16  # tokens per surveyed row
@@ -58,22 +58,48 @@ def evaluating(model):
             module.training = training
 
 
+def survey_ids(model) -> torch.Tensor:
+    """(2, SURVEY_LENGTH) token ids: one random row, then the same with every even position changed."""
+    vocab = text_config(model).vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, SURVEY_LENGTH), generator=generator).repeat(2, 1)
+    ids[1, 0::2] = (ids[0, 0::2] + torch.randint(1, vocab, (SURVEY_LENGTH // 2,), generator=generator)) % vocab
+    return ids.to(next(unwrapped(model).parameters()).device)
+
+
+@torch.no_grad()
+def check_head(model) -> str | None:
+    """Whether the model's logits are its LM head applied to its final hidden states (what logps' chunked
+    head computes); where they are not (a multiplier, a cap, a transform no config field names), the model
+    is marked to keep its own head, and the reason returned."""
+    base = unwrapped(model)
+    if (head := separable_head(base)) is None:
+        return None
+    ids = survey_ids(model)
+    with evaluating(base):
+        hidden, _ = hidden_states_or_logits(base, input_ids=ids)
+        logits = base(input_ids=ids, use_cache=False).logits
+    ours = head(hidden.to(head.weight.dtype)).float()
+    if float((ours - logits.float()).abs().max() / logits.float().abs().max().clamp(min=1e-12)) <= LEAK_TOLERANCE:
+        return None
+    reason = "its logits are not its LM head applied to its final hidden states (measured)"
+    setattr(base, HEAD_INSIDE, reason)
+    return reason
+
+
 @torch.no_grad()
 def survey(model) -> dict[str, str]:
     """{layout: why it is not exact for `model`}; a layout not named is exact (padded always is)."""
     base = unwrapped(model)
     if reason := attention.unsupported(base.config):
         return {"packed": reason, "rows": reason}
-    vocab = text_config(model).vocab_size
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, SURVEY_LENGTH), generator=generator).repeat(2, 1)
-    ids[1, 0::2] = (ids[0, 0::2] + torch.randint(1, vocab, (SURVEY_LENGTH // 2,), generator=generator)) % vocab
-    device = next(base.parameters()).device
+    ids = survey_ids(model)
+    device = ids.device
     attention.enable(base.config)
     seen = attention.Survey()
     try:
         with evaluating(base):
-            outputs, _ = hidden_states_or_logits(base, input_ids=ids.to(device),
+            outputs, _ = hidden_states_or_logits(base, input_ids=ids,
                                                  position_ids=torch.arange(SURVEY_LENGTH, device=device).expand(2, -1),
                                                  **{attention.SPANS_KWARG: seen})
     except Exception as e:  # noqa: BLE001 (any failure means: not through the pair attention)
@@ -131,6 +157,8 @@ def decide(accelerator, layout: str, models: list, train_set, batch_size: int, p
     (models[0]), the same answer on every process. Each change is said in one line. A compiled policy
     runs both eagerly (compiling them would cost more than they do)."""
     with torch.compiler.set_stance("force_eager"):
+        for model in models:
+            check_head(model)  # the trainer says it when the policy keeps its head
         chosen, reason = choose(layout, models)
         if reason:
             log(f"train.layout {layout}: {reason}; using the {chosen} layout (the same numbers)")

@@ -19,7 +19,7 @@ CHUNK_SIZE = 1024  # positions per head + log-softmax chunk: (1024, V) fp32 is 2
 # Config fields of models that change logits after the head (Gemma softcapping, Cohere and Granite scales,
 # a padded vocabulary): such a head cannot run on its own, so these models keep theirs inside the forward.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
-                    "output_multiplier", "unpadded_vocab_size", "lm_head_multiplier")
+                    "output_multiplier", "unpadded_vocab_size")
 # What an objective may ask for beyond the completions' log-prob sums (owner_sums, PairLogps); router_aux:
 # the policy's MoE load-balancing loss, a scalar (router.py)
 EXTRAS = frozenset({"shared_logps", "log_sum_sq", "router_aux"})
@@ -35,6 +35,7 @@ class Hidden(torch.nn.Identity):
         return torch.empty(0, dtype=self.dtype)
 
 
+HEAD_INSIDE = "dpo_train_head_inside"  # set on a model whose logits layouts.check_head found are not head(hidden)
 HIDDEN = Hidden()  # one instance, so that a compiled forward is guarded on the same module each step
 
 
@@ -61,6 +62,8 @@ def _head_or_reason(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str
     if getattr(model, "find_unused_parameters", False):
         return None, "DDP looks for unused parameters and would mark a head used after its forward as unused"
     base = unwrapped(model)
+    if measured := getattr(base, HEAD_INSIDE, None):  # layouts.check_head found its logits are not head(hidden)
+        return None, measured
     head = base.get_output_embeddings() if hasattr(base, "set_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor):

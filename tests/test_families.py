@@ -74,3 +74,25 @@ def test_the_first_batch_check_passes_an_exact_layout():
     difference, error = layouts.first_batch_difference(model, tokenized_pairs(TOKENIZER), "rows", 1,
                                                        torch.device("cpu"))
     assert error is None and difference < 1e-5
+
+
+def test_a_logit_transform_no_config_field_names_is_measured(monkeypatch):
+    """Gemma 2 caps its logits (final_logit_softcapping). Were that field missing from logps'
+    LOGIT_TRANSFORMS, the chunked head outside the forward would score without the cap: check_head compares
+    the model's logits with its head applied to its hidden states and keeps the head inside. (Falcon-H1's
+    lm_head_multiplier, applied to the head's output, scales the hidden states the same: it needs nothing.)"""
+    import dpo_train.logps as logps
+    monkeypatch.setattr(logps, "LOGIT_TRANSFORMS", tuple(n for n in logps.LOGIT_TRANSFORMS if n != "final_logit_softcapping"))
+    model = make_family_model("gemma2", len(TOKENIZER))
+    pairs = tokenized_pairs(TOKENIZER)
+    with torch.no_grad():
+        naive = naive_logps(model, pairs)
+        assert logps.separable_head(model) is not None and relative_difference(
+            layout_logps(model, pairs, "padded"), naive) > 1e-3  # scored without the cap
+        assert layouts.check_head(model) is not None
+        assert "measured" in logps.head_inside(model) and logps.separable_head(model) is None
+        assert relative_difference(layout_logps(model, pairs, "padded"), naive) < 1e-5
+        falcon = make_family_model("falcon_h1", len(TOKENIZER))
+        falcon.model.lm_head_multiplier = 0.5
+        assert layouts.check_head(falcon) is None and layouts.check_head(make_family_model("llama", len(TOKENIZER))) is None
+        assert relative_difference(layout_logps(falcon, pairs, "padded"), naive_logps(falcon, pairs)) < 1e-5
