@@ -182,6 +182,8 @@ def evaluate_models(settings: EvalSettings, batch_size: int = 4, max_new_tokens:
                              f"{len(tokenizer)} tokens of {s.model}'s tokenizer; model and reference must share it")
     pairs, rows, stats = build_dataset(s.data, s.split, tokenizer, s.max_length, s.max_prompt_length,
                                        chat_template=s.chat_template, system_prompt=s.system_prompt, columns=s.columns)
+    for scored in (model, reference):
+        layouts.check_head(scored)
     layout, _ = layouts.choose("packed", [model, reference])  # as in training
     loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
                                             collate_fn=partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)))
