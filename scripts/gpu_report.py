@@ -101,8 +101,9 @@ def checks(results: dict) -> list[str]:
     families = results.get("families", {})
     lines.append(f"- model families on FlexAttention (packed) and rows, fp32, max relative difference from a naive "
                  f"forward (log-probs) and from padded (gradients): {status(families) if families else 'not run'}")
-    lines += [f"  - {r['family']}: packed {r['packed']}, rows {r['rows']}, gradients packed {r.get('packed_grads')}, "
-              f"rows {r.get('rows_grads')}" for r in families.get("families", [])]
+    e = lambda value: f"{value:.1e}" if isinstance(value, float) else str(value)  # a crash stays its words
+    lines += [f"  - {r['family']}: packed {e(r['packed'])}, rows {e(r['rows'])}, gradients packed "
+              f"{e(r.get('packed_grads'))}, rows {e(r.get('rows_grads'))}" for r in families.get("families", [])]
     return lines
 
 
