@@ -1,14 +1,20 @@
-"""Attention for the padding-free layout (data.collate_packed): every pair of a batch in one row.
+"""Attention for the shared-prompt layouts: the pairs of a batch in one padding-free row (`packed`,
+data.collate_packed) or one left-padded row per pair (`rows`, data.collate_rows).
 
-Each pair is a span [prompt | chosen | rejected] of the row. Per span, the chosen answer attends
-causally over prompt + chosen, and the rejected answer over the prompt and itself: exactly what
-each sees alone in a padded row, and nothing of the other pairs. Nothing is computed on padding,
+In `packed` each pair is a span [prompt | chosen | rejected] of the row. Per span, the chosen answer
+attends causally over prompt + chosen, and the rejected answer over the prompt and itself: exactly
+what each sees alone in a padded row, and nothing of the other pairs. Nothing is computed on padding,
 and no (N, N) mask exists: on CUDA one FlexAttention call per layer reads a block mask built once
-per batch (flex.py); elsewhere each block is one causal SDPA call (`uses_flex` picks).
+per batch (flex.py); elsewhere each block is one causal SDPA call (`uses_flex` picks). Softcapped
+scores (Gemma 2) and attention sinks (GPT-OSS) are computed here too, from the layer's own values.
+
+In `rows` the model's own attention runs with the rows' 4-D mask; a layer with a sliding window gets
+that mask cut to its window, on positions within the pair (a layer says its window as it calls).
 
 It runs as a transformers attention implementation (`enable`), so the model's own projections,
-rotary embeddings and layers are untouched. A forward called with `SPANS_KWARG` gets the pair
-attention; any other call (generation, evaluation) falls through to the model's own attention.
+rotary embeddings and layers are untouched. A forward called with `SPANS_KWARG` (a Spans, a RowMasks
+or a Survey: each has `attend`) gets this attention; any other call (generation, evaluation) falls
+through to the model's own attention.
 """
 
 from __future__ import annotations
@@ -27,10 +33,15 @@ from . import flex
 
 PREFIX = "dpo_pairs|"  # registered as PREFIX + the model's own implementation, which it falls back to
 SPANS_KWARG = "dpo_pair_spans"
-# keyword arguments models pass to their attention that do not change its result here
-HARMLESS = {"position_ids", "use_cache", "output_attentions", "cache_position"}
-# config fields of attentions this one does not implement; such models use the rows layout
-UNSUPPORTED = ("attn_logit_softcapping",)
+# keyword arguments models pass to their attention that do not change its result here (MoE models pass
+# their router flag down every layer)
+HARMLESS = {"position_ids", "use_cache", "output_attentions", "output_hidden_states", "output_router_logits",
+            "cache_position"}
+# keyword arguments whose meaning the pair attention implements: a tanh cap on the scores (Gemma 2),
+# a per-head sink logit in the softmax (GPT-OSS)
+IMPLEMENTED = {"softcap", "s_aux"}
+# the model's own implementations that read a custom 4-D mask (the rows layout's); flash attention reads none
+READS_4D_MASK = {"eager", "sdpa", "flex_attention"}
 
 
 class Spans:
@@ -52,6 +63,72 @@ class Spans:
         if window not in masks:
             masks[window] = flex.block_mask(tuple(self), window, device)
         return masks[window]
+
+    def attend(self, module, query, key, value, attention_mask, dropout, scaling, sliding_window, kwargs):
+        """query (1, Hq, N, D), key and value (1, Hkv, N, D) -> (1, N, Hq, D). The mask is not read."""
+        softcap, sinks = kwargs.pop("softcap", None), kwargs.pop("s_aux", None)
+        if extra := sorted(name for name, setting in kwargs.items() if setting is not None and name not in HARMLESS):
+            raise NotImplementedError(f"padding-free layout: the model's attention uses {extra}, which it does not "
+                                      "implement; use train.layout: rows")
+        self.used = True
+        if dropout == 0.0 and uses_flex(query.device):  # FlexAttention has no dropout; attention dropout takes the loop
+            query, key, value = autocast_inputs(query, key, value)
+            return flex.attend(query, key, value, self.block_mask(sliding_window, query.device), scaling, softcap,
+                               sinks).transpose(1, 2).contiguous()
+        outputs = []
+        for start, prompt, chosen, rejected in self:
+            prompt_and_chosen = slice(start, start + prompt + chosen)
+            outputs.append(attend(query[:, :, prompt_and_chosen], key[:, :, prompt_and_chosen],
+                                  value[:, :, prompt_and_chosen], sliding_window, dropout, scaling, softcap, sinks))
+            # the rejected answer sees the prompt and itself, never the chosen answer between them
+            prompt_part = slice(start, start + prompt)
+            rejected_part = slice(start + prompt + chosen, start + prompt + chosen + rejected)
+            outputs.append(attend(query[:, :, rejected_part],
+                                  torch.cat([key[:, :, prompt_part], key[:, :, rejected_part]], dim=2),
+                                  torch.cat([value[:, :, prompt_part], value[:, :, rejected_part]], dim=2),
+                                  sliding_window, dropout, scaling, softcap, sinks))
+        return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+class RowMasks:
+    """The rows layout's position ids (B, T), for every layer's attention: the model's own attention
+    runs on the rows' mask, cut to the layer's sliding window (a 4-D mask reaches the attention as it
+    is, so without this a windowed layer would see its whole row)."""
+
+    def __init__(self, position_ids: torch.Tensor):
+        self.position_ids, self.used, self.masks = position_ids, False, {}
+
+    def windowed(self, mask: torch.Tensor, window: int) -> torch.Tensor:
+        """mask (B, 1, T, T), bool or additive, without the keys `window` or more positions back; kept per window."""
+        if window not in self.masks:
+            positions = self.position_ids.to(mask.device)
+            outside = positions[:, None, :, None] - positions[:, None, None, :] >= window  # (B, 1, T, T)
+            self.masks[window] = (mask & ~outside if mask.dtype == torch.bool
+                                  else mask.masked_fill(outside, torch.finfo(mask.dtype).min))
+        return self.masks[window]
+
+    def attend(self, module, query, key, value, attention_mask, dropout, scaling, sliding_window, kwargs):
+        self.used = True
+        if sliding_window is not None and attention_mask is not None:
+            attention_mask = self.windowed(attention_mask, sliding_window)
+        return own_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     sliding_window=sliding_window, **kwargs)[0]
+
+
+class Survey:
+    """One forward in which every attention call leaves tokens unmixed (each query reads only its own
+    value) and notes what the layer passed: its windows and the keywords that would change the pair
+    attention's result. layouts.py reads it: what still mixes tokens is something other than attention."""
+
+    def __init__(self):
+        self.calls, self.windows, self.keywords = 0, set(), set()
+
+    def attend(self, module, query, key, value, attention_mask, dropout, scaling, sliding_window, kwargs):
+        self.calls += 1
+        self.windows.add(sliding_window)
+        self.keywords |= {name for name, setting in kwargs.items() if setting is not None and name not in HARMLESS}
+        groups = query.shape[1] // value.shape[1]
+        return value.repeat_interleave(groups, dim=1).transpose(1, 2).contiguous()
 
 
 def uses_flex(device: torch.device) -> bool:
@@ -75,11 +152,8 @@ def batch_spans(pair_spans: torch.Tensor, config, device: torch.device) -> Spans
 
 
 def unsupported(config) -> str | None:
-    """Why the pair attention cannot stand in for this model's, or None when it can."""
+    """Why this attention cannot be registered in place of the model's, or None when it can."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in UNSUPPORTED:
-        if getattr(config, name, None) is not None:
-            return f"the model's attention uses {name}"
     implementation = config._attn_implementation or "eager"
     if implementation.startswith(PREFIX):
         return None
@@ -89,11 +163,10 @@ def unsupported(config) -> str | None:
     return None
 
 
-def usable_layout(layout: str, configs: list) -> tuple[str, str | None]:
-    """(the layout to run, why it differs from `layout` or None): `packed` becomes `rows` when the
-    pair attention cannot stand in for the attention of any of the models (policy, reference)."""
-    reason = next(filter(None, map(unsupported, configs)), None) if layout == "packed" else None
-    return ("rows", reason) if reason else (layout, None)
+def own_implementation(config) -> str:
+    """The model's attention implementation as it was before `enable`."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return (config._attn_implementation or "eager").removeprefix(PREFIX)
 
 
 def enable(config) -> None:
@@ -103,7 +176,7 @@ def enable(config) -> None:
     if implementation.startswith(PREFIX):
         return
     if reason := unsupported(config):
-        raise ValueError(f"padding-free layout: {reason}; use train.layout: rows")
+        raise ValueError(f"padding-free layout: {reason}; use train.layout: padded")
     name = PREFIX + implementation
     AttentionInterface.register(name, pair_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
@@ -129,49 +202,60 @@ def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sliding_window: int | None,
-           dropout: float, scaling: float | None) -> torch.Tensor:
+           dropout: float, scaling: float | None, softcap: float | None = None,
+           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of the last q positions over all k: query (1, Hq, q, D), key and value
     (1, Hkv, k, D) with k >= q -> (1, Hq, q, D). Query i sits at key position k - q + i. Grouped
-    keys and values (Hkv < Hq) are read in place, not repeated."""
+    keys and values (Hkv < Hq) are read in place, not repeated. A softcap or sinks (Hq,) take the
+    explicit scores of `scored_attend`."""
     q, k = query.shape[2], key.shape[2]
+    query, key, value = autocast_inputs(query, key, value)
+    if softcap is not None or sinks is not None:
+        return scored_attend(query, key, value, allowed(q, k, sliding_window, query.device), dropout, scaling,
+                             softcap, sinks)
     mask, is_causal = None, q == k
     if sliding_window is not None and k > sliding_window:  # a key at distance >= window is out of reach
-        query_positions = torch.arange(k - q, k, device=query.device)[:, None]
-        distance = query_positions - torch.arange(k, device=query.device)[None]
-        mask, is_causal = (distance >= 0) & (distance < sliding_window), False
+        mask, is_causal = allowed(q, k, sliding_window, query.device), False
     elif q != k:
         mask = causal_lower_right(q, k)
-    query, key, value = autocast_inputs(query, key, value)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
                                           scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+
+
+def allowed(q: int, k: int, sliding_window: int | None, device: torch.device) -> torch.Tensor:
+    """(q, k) bool: the last q of k positions each read the keys at or before them, within the window."""
+    distance = torch.arange(k - q, k, device=device)[:, None] - torch.arange(k, device=device)[None]
+    return (distance >= 0) & (distance < sliding_window) if sliding_window is not None else distance >= 0
+
+
+def scored_attend(query, key, value, mask: torch.Tensor, dropout: float, scaling: float | None,
+                  softcap: float | None, sinks: torch.Tensor | None) -> torch.Tensor:
+    """Attention with its scores written out, as the models' eager attention computes them:
+    scores = cap * tanh(q.k * scale / cap) with a softcap; a sink adds one logit per head to the
+    softmax's denominator (a weight no value carries). query (1, Hq, q, D), key and value (1, Hkv, k, D),
+    mask (q, k) bool -> (1, Hq, q, D)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(2, 3) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    if sinks is not None:
+        sink = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(1, -1, scores.shape[2], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    probs = F.dropout(probs.to(value.dtype), p=dropout, training=dropout > 0)
+    return probs @ value
 
 
 def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                    sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """query (1, Hq, N, D), key and value (1, Hkv, N, D) -> ((1, N, Hq, D), None), the pairs given
-    as kwargs[SPANS_KWARG]. The attention mask is not read: the spans say who sees whom."""
+    """query (B, Hq, N, D), key and value (B, Hkv, N, D) -> ((B, N, Hq, D), None): the layout's
+    attention given as kwargs[SPANS_KWARG], or the model's own without one."""
     spans = kwargs.pop(SPANS_KWARG, None)
     if spans is None:
         return own_attention(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                      sliding_window=sliding_window, **kwargs)
-    if extra := sorted(name for name, setting in kwargs.items() if setting is not None and name not in HARMLESS):
-        raise NotImplementedError(f"padding-free layout: the model's attention uses {extra}, which it does not "
-                                  "implement; use train.layout: rows")
-    spans.used = True
-    if dropout == 0.0 and uses_flex(query.device):  # FlexAttention has no dropout; attention dropout takes the loop
-        query, key, value = autocast_inputs(query, key, value)
-        return flex.attend(query, key, value, spans.block_mask(sliding_window, query.device),
-                           scaling).transpose(1, 2).contiguous(), None
-    outputs = []
-    for start, prompt, chosen, rejected in spans:
-        prompt_and_chosen = slice(start, start + prompt + chosen)
-        outputs.append(attend(query[:, :, prompt_and_chosen], key[:, :, prompt_and_chosen], value[:, :, prompt_and_chosen],
-                              sliding_window, dropout, scaling))
-        # the rejected answer sees the prompt and itself, never the chosen answer between them
-        prompt_part, rejected_part = slice(start, start + prompt), slice(start + prompt + chosen, start + prompt + chosen + rejected)
-        outputs.append(attend(query[:, :, rejected_part],
-                              torch.cat([key[:, :, prompt_part], key[:, :, rejected_part]], dim=2),
-                              torch.cat([value[:, :, prompt_part], value[:, :, rejected_part]], dim=2),
-                              sliding_window, dropout, scaling))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    return spans.attend(module, query, key, value, attention_mask, dropout, scaling, sliding_window, kwargs), None

@@ -60,6 +60,8 @@ class ModelConfig:
     precompute_reference: bool = setting(False, "compute the reference log-probs once before training (one cached "
                                                 "no-grad pass), then free the reference: training holds one model")
     lora: LoraConfig = field(default_factory=LoraConfig)
+    init_kwargs: dict = setting({}, "from_pretrained's keyword arguments for policy and reference: attn_implementation, "
+                                    "revision, trust_remote_code; quantization_config on a GPU (QLoRA)")
 
 
 @dataclass
@@ -107,6 +109,9 @@ class DataConfig:
     max_prompt_length: int = setting(256, "prompt tokens kept, cut from the left (must be < max_length)")
     num_proc: Optional[int] = setting(None, "tokenizing processes; null: the machine's cores (at most 8, and one "
                                             "per 1,000 rows)")
+    chat_template_kwargs: dict = setting({}, "passed to the chat template, e.g. {enable_thinking: false} for Qwen3")
+    trl_tokenization: bool = setting(False, "tokenize templated pairs as TRL 1.16 does (it also scores what the "
+                                            "template writes after the end-of-turn token, the \\n after <|im_end|>)")
 
 
 @dataclass
@@ -133,6 +138,9 @@ class LossConfig:
     ld_alpha: Optional[float] = setting(None, "LD-DPO: tokens beyond the shorter completion's length count this "
                                               "much, in [0, 1] (TRL's ld_alpha); null: off")
     sft_weight: float = setting(0.0, "adds this times each chosen completion's per-token NLL to its pair's loss (RPO)")
+    router_aux_coef: Optional[float] = setting(None, "MoE models: the weight of the router's load-balancing loss, "
+                                                     "added as TRL adds it; null: the model's own "
+                                                     "router_aux_loss_coef; 0: off")
 
 
 @dataclass
@@ -158,6 +166,8 @@ class TrainConfig:
     layout: Layout = setting("packed", "packed: all pairs in one padding-free row of [prompt | chosen | rejected] "
                                        "spans, each prompt encoded once; rows: one left-padded row per pair; "
                                        "padded: 2B right-padded rows. All give the same numbers")
+    layout_check: bool = setting(True, "score the first batch in the layout used and in padded; a difference above "
+                                       "tolerance switches the run to padded, with one line")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more time")
     compile: bool = setting(False, "torch.compile the policy in place (inductor, dynamic shapes); the first steps "
                                    "pay for compiling")
@@ -231,6 +241,7 @@ def _validate(config: Config, path: Path) -> None:
     check(d.system_prompt is None or d.chat_template != "none", "data.system_prompt",
           "needs a chat template to add a system turn to (data.chat_template is none)", d.system_prompt)
     check(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "must be >= 1 or null", d.num_proc)
+    check("dtype" not in m.init_kwargs, "model.init_kwargs.dtype", "is set by model.dtype", m.init_kwargs.get("dtype"))
     trackers = t.report_to if isinstance(t.report_to, list) else [t.report_to]
     check("none" not in trackers or len(trackers) == 1, "train.report_to", "none cannot be listed with trackers",
           t.report_to)

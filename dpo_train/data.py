@@ -30,7 +30,7 @@ MAX_PROCESSES = 8  # the default data.num_proc: the machine's cores, at most thi
 ROWS_PER_PROCESS = 1000  # ... and at most one per this many rows, since starting a process costs a second or two
 IDS = List(Value("int32"))
 FEATURES = Features({"prompt_ids": IDS, "chosen_ids": IDS, "rejected_ids": IDS, "prompt_truncated": Value("bool"),
-                     "completion_truncated": Value("bool"), "drop_reason": Value("string"),
+                     "completion_truncated": Value("bool"), "drop_reason": Value("string"), "rendered_apart": Value("bool"),
                      **{f"{part}_full_length": Value("int32") for part in FIELDS},
                      "prompt": List({"role": Value("string"), "content": Value("string")}), "text": Value("bool")})
 
@@ -46,14 +46,17 @@ class DataStats:
     full_lengths: dict[str, list[int]] = field(default_factory=dict)  # kept pairs' token counts before truncation
     # one per source of a mixture: path, split, available (its rows), rows (those it gave), kept
     sources: list[dict] = field(default_factory=list)
+    rendered_apart: int = 0  # kept pairs whose template renders the prompt differently once the answer follows
 
     def __str__(self) -> str:
         dropped = ", ".join(f"{n} ({why})" for why, n in self.dropped.items()) or "0"
         implicit = "; prompts taken from the shared prefix of chosen and rejected" if self.implicit_prompts else ""
         mixture = "; sources: " + ", ".join(f"{s['path']} {s['rows']} of {s['available']} rows ({s['kept']} kept)"
                                              for s in self.sources) if len(self.sources) > 1 else ""
+        apart = (f"; {self.rendered_apart} prompts rendered differently once the answer follows (split as the full "
+                 "rendering has them)") if self.rendered_apart else ""
         return (f"{self.kept}/{self.rows} pairs kept; dropped {dropped}; truncated prompts "
-                f"{self.prompt_truncated}, truncated completions {self.completion_truncated}{implicit}{mixture}")
+                f"{self.prompt_truncated}, truncated completions {self.completion_truncated}{implicit}{mixture}{apart}")
 
 
 def processes(num_proc: int | None, rows: int) -> int:
@@ -69,7 +72,8 @@ def settings(data, seed: int) -> dict:
     """build_dataset's keyword arguments from the config's `data` section (and train.seed), as plain values."""
     return {"max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
             "chat_template": data.chat_template, "system_prompt": data.system_prompt,
-            "columns": dataclasses.asdict(data.columns), "num_proc": data.num_proc, "seed": seed}
+            "columns": dataclasses.asdict(data.columns), "num_proc": data.num_proc, "seed": seed,
+            "template_kwargs": data.chat_template_kwargs, "trl_tokenization": data.trl_tokenization}
 
 
 def with_rows(spec, stats: DataStats | None):
@@ -104,12 +108,14 @@ def fingerprint(pairs) -> str:
 
 def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_length: int, *, chat_template: str = "auto",
                   system_prompt: str | None = None, columns: dict | None = None, num_proc: int | None = None,
-                  seed: int = 0, key: str | None = None):
+                  seed: int = 0, key: str | None = None, template_kwargs: dict | None = None,
+                  trl_tokenization: bool = False):
     """Load, check, normalise and tokenize a preference set: one source (a path or hub id), or a
     mixture (a list of sources; see sources.parts), each source on its own, then concatenated in
     order. `key` names the config key in messages (data.train). Returns (tokenized dataset, kept
     rows, DataStats); the kept rows hold each pair's prompt in the internal form (`prompt` turns,
-    `text`) and, when a source has one, its `answer`."""
+    `text`) and, when a source has one, its `answer`. `template_kwargs` reach the chat template (with
+    a row's `tools`); `trl_tokenization` tokenizes templated pairs as TRL does (tokenization.encode)."""
     template = resolve(chat_template, tokenizer)
     if template is None and system_prompt:
         raise DataError("data.system_prompt: a system turn needs a chat template, and the tokenizer has none "
@@ -124,7 +130,8 @@ def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_lengt
         available, implicit = len(rows), "prompt" not in rows.column_names
         rows, row_numbers = take(rows, part, seed, index)
         pieces.append(tokenize_rows(rows, row_numbers, part.path, tokenizer, template, system_prompt, max_length,
-                                    max_prompt_length, processes(num_proc, len(rows))))
+                                    max_prompt_length, processes(num_proc, len(rows)), template_kwargs,
+                                    trl_tokenization))
         sources.append({"path": part.path, "split": part.split, "available": available, "rows": len(rows),
                         "implicit": implicit})
     if any("answer" in piece.column_names for piece in pieces):  # every source then has one, null where it had none
@@ -142,7 +149,7 @@ def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_lengt
     implicit = [source.pop("implicit") for source in sources]
     stats = DataStats(len(tokenized), len(keep), sum(tokenized["prompt_truncated"]),
                       sum(tokenized["completion_truncated"]), dropped, any(implicit),
-                      {part: list(kept[f"{part}_full_length"]) for part in FIELDS}, sources)
+                      {part: list(kept[f"{part}_full_length"]) for part in FIELDS}, sources, sum(kept["rendered_apart"]))
     if not keep:
         raise DataError(f"{spec if isinstance(spec, str) else key or 'data'}: no usable pairs remain ({stats})")
     rows = kept.select_columns(["prompt", "text", *(["answer"] if "answer" in kept.column_names else [])])
@@ -150,14 +157,15 @@ def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_lengt
 
 
 def tokenize_rows(rows, row_numbers, source: str, tokenizer, template, system_prompt, max_length, max_prompt_length,
-                  num_proc: int) -> datasets.Dataset:
+                  num_proc: int, template_kwargs: dict | None = None, trl_tokenization: bool = False) -> datasets.Dataset:
     """One source's rows -> FEATURES (+ answer), in `num_proc` processes. A bad row raises DataError
     naming the source and the row's number in it (`row_numbers`: after `take`, which rows were taken)."""
     answer = "answer" in rows.column_names
 
     def prepare(row, index):
         try:
-            pair, ids = encode(row, tokenizer, max_length, max_prompt_length, template, system_prompt)
+            pair, ids = encode(row, tokenizer, max_length, max_prompt_length, template, system_prompt, template_kwargs,
+                               trl_tokenization)
         except DataError as e:
             raise DataError(f"{source}: row {index if row_numbers is None else row_numbers[index]} (0-based): {e}") from None
         return {**ids, "prompt": pair["prompt"], "text": pair["text"],
@@ -183,7 +191,8 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one batch of 2B right-padded rows, all chosen first, then all rejected,
     so one forward pass scores both sides.
 
-    Returns input_ids, attention_mask, labels: (2B, T); num_tokens: () the pairs' own tokens
+    Returns input_ids, attention_mask, labels: (2B, T); token_copies: (2B, T) the attention mask (each
+    token's count in these rows, as the other layouts give it for router.py); num_tokens: () the pairs' own tokens
     (prompt + chosen + rejected, counted once), the work a user needs done; chosen_lengths,
     rejected_lengths: (B,) completion token counts.
     """
@@ -198,7 +207,7 @@ def collate(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         labels[i, len(prompt):n] = torch.tensor(completion)
         attention_mask[i, :n] = 1
     num_tokens = sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "token_copies": attention_mask,
             "num_tokens": torch.tensor(num_tokens), **completion_lengths(pairs), **precomputed_reference(pairs)}
 
 
@@ -211,8 +220,9 @@ def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tens
     Returns input_ids, position_ids: (1, N) with N the pairs' own tokens; pair_spans: (B, 4) each
     span's start and its prompt, chosen and rejected lengths; logits_to_keep: (K,) the positions that
     predict the K completion tokens, in the order of targets (K,) and owners (K,) (each token's row
-    in the 2B chosen-then-rejected order); num_rows: () = 2B; num_tokens: () = N; chosen_lengths,
-    rejected_lengths: (B,) completion token counts. pad_token_id is unused (nothing is padded).
+    in the 2B chosen-then-rejected order); num_rows: () = 2B; num_tokens: () = N; token_copies: (1, N)
+    how many of the 2B padded rows of data.collate hold each token (2 for a prompt's, 1 for an answer's);
+    chosen_lengths, rejected_lengths: (B,) completion token counts. pad_token_id is unused (nothing is padded).
     """
     input_ids, position_ids, spans, predict, targets, owners = [], [], [], [], [], []
     for i, pair in enumerate(pairs):
@@ -230,6 +240,7 @@ def collate_packed(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tens
         "input_ids": torch.tensor([input_ids]), "position_ids": torch.tensor([position_ids]),
         "pair_spans": torch.tensor(spans), "logits_to_keep": torch.tensor(predict), "targets": torch.tensor(targets),
         "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * len(pairs)), "num_tokens": torch.tensor(len(input_ids)),
+        "token_copies": torch.tensor([sum(([2] * s[1] + [1] * (s[2] + s[3]) for s in spans), [])]),
         **completion_lengths(pairs), **precomputed_reference(pairs),
     }
 
@@ -247,7 +258,8 @@ def collate_rows(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
     Returns input_ids, position_ids: (B, T); attention_mask: (B, 1, T, T) bool; logits_to_keep:
     (K',) the positions the head runs over; and for the K completion tokens: predict_index (K,)
     the row of the (B*K', V) logits that predicts each, targets (K,), owners (K,) its row in the
-    2B chosen-then-rejected order; num_rows: () = 2B; num_tokens: () the pairs' own tokens;
+    2B chosen-then-rejected order; num_rows: () = 2B; num_tokens: () the pairs' own tokens; token_copies:
+    (B, T) each token's count in the 2B padded rows of data.collate (prompt 2, answers 1, padding 0);
     chosen_lengths, rejected_lengths: (B,) completion token counts.
     """
     num_pairs = len(pairs)
@@ -258,6 +270,7 @@ def collate_rows(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
     kept = width - first_kept
     input_ids = torch.full((num_pairs, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((num_pairs, width), dtype=torch.long)
+    token_copies = torch.zeros((num_pairs, width), dtype=torch.long)
     attention_mask = torch.eye(width, dtype=torch.bool).repeat(num_pairs, 1, 1, 1)  # (B, 1, T, T)
     predict_index, targets, owners = [], [], []
     for i, pair in enumerate(pairs):
@@ -265,6 +278,7 @@ def collate_rows(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         p, c, r, pad = len(prompt), len(chosen), len(rejected), width - lengths[i]
         input_ids[i, pad:] = torch.tensor(prompt + chosen + rejected)
         position_ids[i, pad:] = torch.tensor(list(range(p + c)) + list(range(p, p + r)))
+        token_copies[i, pad:pad + p], token_copies[i, pad + p:] = 2, 1
         causal = torch.ones(lengths[i], lengths[i], dtype=torch.bool).tril()
         causal[p + c:, p:p + c] = False  # the rejected answer never sees the chosen one
         attention_mask[i, 0, pad:, pad:] = causal
@@ -279,7 +293,8 @@ def collate_rows(pairs: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
         "logits_to_keep": torch.arange(first_kept, width), "predict_index": torch.tensor(predict_index),
         "targets": torch.tensor(targets), "owners": torch.tensor(owners), "num_rows": torch.tensor(2 * num_pairs),
-        "num_tokens": torch.tensor(sum(lengths)), **completion_lengths(pairs), **precomputed_reference(pairs),
+        "num_tokens": torch.tensor(sum(lengths)), "token_copies": token_copies, **completion_lengths(pairs),
+        **precomputed_reference(pairs),
     }
 
 

@@ -65,6 +65,8 @@ def describe(name: str, source, stats: DataStats, pairs, tokenizer, data: DataCo
              f"data.max_length={data.max_length}"]
     if stats.implicit_prompts:
         lines.append("  no 'prompt' field: prompts are the prefix chosen and rejected share")
+    lines.append(f"  rendered apart: {stats.rendered_apart} pairs whose chat template renders the prompt differently "
+                 "once the answer follows (their prompt is the one the full rendering shows)")
     lines += ["  " + line for line in length_table(stats.full_lengths)]
     # the first kept pair of each source (a mixture's sources may differ in shape)
     first, examples = 0, []
@@ -81,9 +83,11 @@ def check_data(config: Config) -> str:
     """Load and tokenize the config's train and eval data exactly as training would, without
     loading the model; return the report. Bad data raises DataError as in training."""
     d = config.data
-    tokenizer = load_tokenizer(config.model.name_or_path)
+    tokenizer = load_tokenizer(config.model.name_or_path, config.model.init_kwargs)
     rendering = describe_template(d.chat_template, resolve(d.chat_template, tokenizer))
     system = f"; system prompt {d.system_prompt!r} where a prompt has none" if d.system_prompt else ""
+    system += f"; template arguments {d.chat_template_kwargs}" if d.chat_template_kwargs else ""
+    system += "; tokenized as TRL does (data.trl_tokenization)" if d.trl_tokenization else ""
     sections = [f"tokenizer: {config.model.name_or_path}; rendered with {rendering}{system}"]
     for name, source, split in (("train", d.train, d.train_split), ("eval", d.eval, d.eval_split)):
         if source:

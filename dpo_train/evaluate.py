@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from . import attention
+from . import layouts
 from .progress import bar, say
 from .config import ConfigError, LossConfig, ModelConfig, checker, load_config
 from .data import COLLATES, build_dataset
@@ -51,7 +51,7 @@ def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: 
         logps = policy_and_reference_logps(policy, reference, batch, loss_fn.extras)
         losses, chosen_rewards, rejected_rewards = loss_fn(logps)
         batch_sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps,
-                                  logps.policy_rejected_logps)
+                                  logps.policy_rejected_logps, logps.policy_router_aux_loss)
         batch_sums["logps_accuracy"] = (logps.policy_chosen_logps > logps.policy_rejected_logps).float().sum()
         sums = add(sums, batch_sums)
     policy.train(was_training)
@@ -209,7 +209,9 @@ def evaluate_models(settings: EvalSettings, batch_size: int = 4, max_new_tokens:
                              f"{len(tokenizer)} tokens of {s.model}'s tokenizer; model and reference must share it")
     pairs, rows, stats = build_dataset(s.data, s.split, tokenizer, s.max_length, s.max_prompt_length,
                                        chat_template=s.chat_template, system_prompt=s.system_prompt, columns=s.columns)
-    layout, _ = attention.usable_layout("packed", [model.config, reference.config])  # as in training
+    for scored in (model, reference):
+        layouts.check_head(scored)
+    layout, _ = layouts.choose("packed", [model, reference])  # as in training
     loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
                                             collate_fn=partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)))
     models = {"reference": reference.to(accelerator.device), "model": model.to(accelerator.device)}

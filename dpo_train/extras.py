@@ -1,5 +1,5 @@
 """Optional packages a config needs, checked before anything loads: a tracker, peft for LoRA,
-deepspeed when Accelerate's engine is DeepSpeed. Accelerate itself skips a tracker whose package is
+deepspeed when Accelerate's engine is DeepSpeed, a CUDA GPU and bitsandbytes for a quantized model. Accelerate itself skips a tracker whose package is
 missing without a word, so a run would train for hours and log nothing."""
 
 from __future__ import annotations
@@ -34,6 +34,16 @@ def missing_packages(config) -> list[str]:
             missing.append(f"train.report_to: mlflow: {problem}")
     if config.model.lora.r and not installed("peft"):
         missing.append("model.lora.r: LoRA needs the peft package (pip install peft)")
+    if "quantization_config" in config.model.init_kwargs:  # QLoRA
+        import torch
+        key = "model.init_kwargs.quantization_config"
+        if not torch.cuda.is_available():
+            missing.append(f"{key}: quantized (QLoRA) loading needs a CUDA GPU and this machine has none; remove it "
+                           "to train unquantized")
+        elif not installed("bitsandbytes"):
+            missing.append(f"{key}: quantized loading needs the bitsandbytes package (pip install bitsandbytes)")
+        if not config.model.lora.r:
+            missing.append(f"{key}: quantized weights train only through an adapter; set model.lora.r (QLoRA)")
     if requested_engine() == "deepspeed" and not installed("deepspeed"):
         missing.append("the Accelerate config's engine is DeepSpeed, which needs the deepspeed package (pip install deepspeed)")
     return missing

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # the part of its pair each token of the row belongs to
 
@@ -65,8 +65,15 @@ def kernel(device_type: str):
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: BlockMask,
-           scaling: float | None) -> torch.Tensor:
+           scaling: float | None, softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """query (1, Hq, N, D), key and value (1, Hkv, N, D), the row's block mask -> (1, Hq, N, D).
-    Grouped keys and values (Hkv < Hq) are read in place."""
-    return kernel(query.device.type)(query, key, value, block_mask=mask, scale=scaling,
-                                     enable_gqa=query.shape[1] != key.shape[1])
+    Grouped keys and values (Hkv < Hq) are read in place. A softcap is a score_mod (cap * tanh(score /
+    cap)); sinks (Hq,) scale each output by the weight the sink leaves the values: with the row's
+    log-sum-exp L over the keys, exp(L) / (exp(L) + exp(sink)) = sigmoid(L - sink)."""
+    score_mod = None if softcap is None else (lambda score, b, h, q, kv: softcap * torch.tanh(score / softcap))
+    run = functools.partial(kernel(query.device.type), query, key, value, score_mod=score_mod, block_mask=mask,
+                            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    if sinks is None:
+        return run()
+    out, aux = run(return_aux=AuxRequest(lse=True))
+    return out * torch.sigmoid(aux.lse - sinks.reshape(1, -1, 1).to(aux.lse.dtype)).unsqueeze(-1).to(out.dtype)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import attention
+from . import attention, router
 
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024  # positions per head + log-softmax chunk: (1024, V) fp32 is 200 MB at V = 49 152
@@ -20,9 +20,23 @@ CHUNK_SIZE = 1024  # positions per head + log-softmax chunk: (1024, V) fp32 is 2
 # a padded vocabulary): such a head cannot run on its own, so these models keep theirs inside the forward.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
                     "output_multiplier", "unpadded_vocab_size")
-# What an objective may ask for beyond the completions' log-prob sums (owner_sums, PairLogps)
-EXTRAS = frozenset({"shared_logps", "log_sum_sq"})
-HIDDEN = torch.nn.Identity()  # one instance, so that a compiled forward is guarded on the same module each step
+# What an objective may ask for beyond the completions' log-prob sums (owner_sums, PairLogps); router_aux:
+# the policy's MoE load-balancing loss, a scalar (router.py)
+EXTRAS = frozenset({"shared_logps", "log_sum_sq", "router_aux"})
+
+
+class Hidden(torch.nn.Identity):
+    """What stands in for the LM head during the forward: the final hidden states pass through. Its
+    `weight` is an empty tensor of the head's dtype, for models that cast to it (Mamba does)."""
+    dtype = torch.float32
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.empty(0, dtype=self.dtype)
+
+
+HEAD_INSIDE = "dpo_train_head_inside"  # set on a model whose logits layouts.check_head found are not head(hidden)
+HIDDEN = Hidden()  # one instance, so that a compiled forward is guarded on the same module each step
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,6 +62,8 @@ def _head_or_reason(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str
     if getattr(model, "find_unused_parameters", False):
         return None, "DDP looks for unused parameters and would mark a head used after its forward as unused"
     base = unwrapped(model)
+    if measured := getattr(base, HEAD_INSIDE, None):  # layouts.check_head found its logits are not head(hidden)
+        return None, measured
     head = base.get_output_embeddings() if hasattr(base, "set_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -77,7 +93,7 @@ def token_logps(inputs: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
     = logsumexp(2 log_softmax), without gradient (WPO's weights, as TRL's chunked head computes them).
     """
     def chunk_logps(chunk: torch.Tensor, chunk_targets: torch.Tensor):
-        logits = (chunk if head is None else head(chunk)).float()
+        logits = (chunk if head is None else head(chunk.to(head.weight.dtype))).float()
         log_z = logits.logsumexp(-1)
         logps = logits.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - log_z
         if not log_sum_sq:
@@ -146,9 +162,12 @@ def hidden_states_or_logits(model: torch.nn.Module, **inputs) -> tuple[torch.Ten
     identity, on the unwrapped model, and put back even if the forward fails.
     """
     head = separable_head(model)
+    if hasattr(router.text_config(unwrapped(model)), "output_router_logits"):
+        inputs["output_router_logits"] = False  # the model's own aux loss would read our masks as padding; router.py
     if head is None:
         return model(**inputs, use_cache=False).logits, None
     base = unwrapped(model)
+    HIDDEN.dtype = head.weight.dtype
     base.set_output_embeddings(HIDDEN)
     try:
         return model(**inputs, use_cache=False).logits, head
@@ -185,7 +204,7 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
                                             **{attention.SPANS_KWARG: spans})  # (1, K, H), or (1, K, V) and no head
     if not spans.used:
         raise RuntimeError(f"padding-free layout: {type(base).__name__} does not route its attention through "
-                           "transformers' AttentionInterface; use train.layout: rows")
+                           "transformers' AttentionInterface; use train.layout: padded")
     return completion_sums(outputs[0], batch, head, chunk_size, extras)
 
 
@@ -193,9 +212,15 @@ def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
                extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """Completion sums (completion_sums) of shared-prompt rows (data.collate_rows).
     The model's forward stops at the rows' last K' positions, where the completions are."""
+    base = unwrapped(model)
+    attention.enable(base.config)
+    rows = attention.RowMasks(batch["position_ids"])  # each layer's sliding window cuts the mask
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "logits_to_keep")}
     inputs["attention_mask"] = additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
-    outputs, head = hidden_states_or_logits(model, **inputs)  # (B, K', H), or (B, K', V) and no head
+    outputs, head = hidden_states_or_logits(model, **inputs, **{attention.SPANS_KWARG: rows})  # (B, K', H) or (B, K', V)
+    if not rows.used:
+        raise RuntimeError(f"shared-prompt rows: {type(base).__name__} does not route its attention through "
+                           "transformers' AttentionInterface; use train.layout: padded")
     return completion_sums(outputs.flatten(0, 1)[batch["predict_index"]], batch, head, chunk_size, extras)
 
 
@@ -211,9 +236,14 @@ def forward_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
     """One forward over a collated batch: the padding-free row of data.collate_packed, the
     shared-prompt rows of data.collate_rows, or the 2B padded rows of data.collate. All give the
     same numbers: {"logps": (2B,) completion log-prob sums, chosen first, then rejected} and the
-    `extras` an objective asked for (EXTRAS), each (2B,)."""
+    `extras` an objective asked for (EXTRAS), each (2B,); "router_aux" a scalar ()."""
     forward = packed_logps if "pair_spans" in batch else rows_logps if "predict_index" in batch else padded_logps
-    return forward(model, batch, chunk_size, extras)
+    if "router_aux" not in extras:
+        return forward(model, batch, chunk_size, extras)
+    base = unwrapped(model)
+    with router.RouterLogits(base) as router_logits:
+        sums = forward(model, batch, chunk_size, extras - {"router_aux"})
+    return {**sums, "router_aux": router.aux_loss(base, router_logits, batch["token_copies"])}
 
 
 def concatenated_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -240,6 +270,8 @@ class PairLogps:
     # log_sum_sq: the sums over the completion's tokens of log sum_v pi(v)^2, without gradient (WPO)
     policy_chosen_log_sum_sq: torch.Tensor | None = None
     policy_rejected_log_sum_sq: torch.Tensor | None = None
+    # router_aux: the policy's MoE load-balancing loss over the batch, () with gradient (router.py)
+    policy_router_aux_loss: torch.Tensor | None = None
 
 
 def policy_and_reference_logps(policy: torch.nn.Module, reference: torch.nn.Module | None,
@@ -259,7 +291,8 @@ def policy_and_reference_logps(policy: torch.nn.Module, reference: torch.nn.Modu
     if reference is None:
         reference = {k: torch.zeros_like(v).detach() for k, v in policy.items() if k != "log_sum_sq"}
     sides = lambda name, values: dict(zip((name.format("chosen_"), name.format("rejected_")), values.chunk(2)))
-    fields = {"chosen_lengths": batch["chosen_lengths"], "rejected_lengths": batch["rejected_lengths"]}
+    fields = {"chosen_lengths": batch["chosen_lengths"], "rejected_lengths": batch["rejected_lengths"],
+              "policy_router_aux_loss": policy.pop("router_aux", None)}
     for model, sums in (("policy", policy), ("reference", reference)):
         for key, values in sums.items():
             fields.update(sides(f"{model}_{{}}{key}", values))

@@ -59,3 +59,5 @@ def validate_loss(l: LossConfig, m: ModelConfig, check) -> None:
           "must be > 0 for loss.type exo_pair (its paper uses 1e-3)", l.label_smoothing)
     check(l.discopop_tau is None or l.discopop_tau > 0, "loss.discopop_tau", "must be > 0", l.discopop_tau)
     check(l.sft_weight >= 0, "loss.sft_weight", "must be >= 0", l.sft_weight)
+    check(l.router_aux_coef is None or l.router_aux_coef >= 0, "loss.router_aux_coef", "must be >= 0 or null",
+          l.router_aux_coef)

@@ -14,12 +14,15 @@ from .run_dir import OutputError, cause
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
-def pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps) -> dict:
+def pair_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps,
+                 aux_loss=None) -> dict:
     """Batch sums (not means), so that micro-batches and processes add up exactly.
 
-    All inputs (B,). `count` carries B; divide the sums by it to report means.
+    All inputs (B,), but `aux_loss`: the batch's MoE router loss, () or None (then not logged), summed as
+    B times itself like a per-pair value. `count` carries B; divide the sums by it to report means.
     """
-    return {
+    aux = {} if aux_loss is None else {"aux_loss": aux_loss.detach() * losses.shape[0]}
+    return {**aux,
         "loss": losses.detach().sum(),
         "rewards/chosen": chosen_rewards.sum(),
         "rewards/rejected": rejected_rewards.sum(),

@@ -89,10 +89,15 @@ def hf_dir(name_or_path: str) -> str:
     return str(target)
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+# model.init_kwargs that also choose the tokenizer's files (the rest are the model's alone)
+TOKENIZER_KWARGS = ("revision", "trust_remote_code")
+
+
+def load_tokenizer(name_or_path: str, init_kwargs: dict | None = None) -> PreTrainedTokenizerBase:
     source = hf_dir(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in (init_kwargs or {}).items()
+                                                             if k in TOKENIZER_KWARGS})
     except (OSError, ValueError) as e:
         raise ModelError(f"{name_or_path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     if tokenizer.pad_token is None:  # pads are masked out of attention and loss; any id will do
@@ -102,21 +107,24 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str) -> PreTrainedModel:
+def load_model(name_or_path: str, dtype: str, init_kwargs: dict | None = None) -> PreTrainedModel:
+    """The causal LM, dropout off; `init_kwargs` go to from_pretrained (revision and trust_remote_code to its config too)."""
+    init_kwargs = init_kwargs or {}
     source = hf_dir(name_or_path)
     if (Path(source) / "adapter_config.json").is_file():  # a LoRA result (final/ of a LoRA run)
         model = load_merged_adapter(name_or_path, source, dtype)
         disable_dropout(model)
         return model
     try:
-        model_config = AutoConfig.from_pretrained(source)
+        model_config = AutoConfig.from_pretrained(source, **{k: v for k, v in init_kwargs.items()
+                                                             if k in TOKENIZER_KWARGS})
         # Checked up front: from_pretrained's own error lists every causal LM transformers knows.
         if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             kind = ", ".join(model_config.architectures or []) or model_config.model_type
             raise ModelError(f"{name_or_path}: not a causal language model ({kind}); DPO needs a "
                              "decoder-only model that AutoModelForCausalLM loads")
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as e:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **init_kwargs)
+    except (OSError, ValueError, TypeError, ImportError) as e:  # model.init_kwargs: a key it does not take, a missing kernel
         raise ModelError(f"{name_or_path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     disable_dropout(model)
     return model
@@ -157,14 +165,18 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_policy_and_reference(name_or_path: str, ref_name_or_path: str | None, dtype: str,
-                              need_reference: bool = True, lora: dict | None = None):
+                              need_reference: bool = True, lora: dict | None = None, init_kwargs: dict | None = None):
     """Return (policy, reference); the reference is None when the loss needs none.
 
     With `lora` (peft LoraConfig arguments) the policy is the model with a trainable adapter and
     everything else frozen, and the reference is the same model with the adapter switched off.
+    `init_kwargs` (model.init_kwargs) go to every from_pretrained.
     """
-    policy = load_model(name_or_path, dtype)
+    policy = load_model(name_or_path, dtype, init_kwargs)
     policy.train()
+    if lora and "quantization_config" in (init_kwargs or {}):  # QLoRA: norms in fp32, inputs that carry gradients
+        from peft import prepare_model_for_kbit_training
+        policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
     if lora:
         policy = add_lora(policy, **lora)
         return policy, (AdapterDisabled(policy) if need_reference else None)
@@ -173,7 +185,7 @@ def load_policy_and_reference(name_or_path: str, ref_name_or_path: str | None, d
     if ref_name_or_path in (None, name_or_path) and not is_deepspeed_zero3_enabled():
         reference = copy.deepcopy(policy)  # same checkpoint: copy instead of loading twice
     else:  # also under ZeRO-3's partitioned loading, whose parameters cannot be deep-copied
-        reference = load_model(ref_name_or_path or name_or_path, dtype)
+        reference = load_model(ref_name_or_path or name_or_path, dtype, init_kwargs)
     return policy, freeze(reference)
 
 

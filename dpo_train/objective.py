@@ -9,7 +9,8 @@ It composes the pure losses of losses.py the way TRL 1.16's DPOTrainer does:
      policy's per-token mean of log p(y_t) - log sum_v p(v)^2, exponentiated, no gradient (Zhou et
      al. 2024, eq. 2).
   4. The terms summed with their weights (TRL's loss_weights; MPO), plus sft_weight times each
-     chosen completion's per-token NLL (RPO, Pang et al. 2024, eq. 2).
+     chosen completion's per-token NLL (RPO, Pang et al. 2024, eq. 2), plus router_aux_coef times
+     the policy's MoE load-balancing loss (router.py; TRL adds it to the batch's mean loss).
 
 Every per-pair tensor a loss may read is computed here once, by name; a loss takes what its
 parameters name. The trainer builds `Objective(**loss settings)` and calls it on each
@@ -62,10 +63,12 @@ class Objective:
     def __init__(self, type: str | list[str] = "sigmoid", weights: list[float] | None = None, beta: float = 0.1,
                  reference_free: bool = False, label_smoothing: float = 0.0, gamma: float = 0.0,
                  discopop_tau: float | None = None, f_divergence: str = "reverse_kl", f_alpha: float | None = None,
-                 use_weighting: bool = False, ld_alpha: float | None = None, sft_weight: float = 0.0):
+                 use_weighting: bool = False, ld_alpha: float | None = None, sft_weight: float = 0.0,
+                 router_aux_coef: float | None = 0.0):
         self.types = [type] if isinstance(type, str) else list(type)
         self.weights = list(weights) if weights is not None else [1.0] * len(self.types)
         self.beta, self.reference_free, self.sft_weight = beta, reference_free, sft_weight
+        self.router_aux_coef = router_aux_coef or 0.0  # None: not resolved for a model yet (router.coefficient)
         self.f_divergence, self.use_weighting, self.ld_alpha = f_divergence, use_weighting, ld_alpha
         self.f_alpha = 0.5 if f_alpha is None else f_alpha  # null: TRL's defaults, as config resolves them
         self.hyperparameters = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma,
@@ -75,9 +78,13 @@ class Objective:
                       for name, weight in zip(self.types, self.weights, strict=True)]
         # with loss.reference_free the reference is uniform: zeros, no model
         self.needs_reference = not reference_free and not set(self.types) <= REFERENCE_FREE
-        # what logps computes beyond the sums: only what the options ask for
-        self.extras = frozenset(name for name, asked in (("shared_logps", ld_alpha is not None),
-                                                         ("log_sum_sq", use_weighting)) if asked)
+
+    @property
+    def extras(self) -> frozenset:
+        """What logps computes beyond the sums: only what the options ask for."""
+        return frozenset(name for name, asked in (("shared_logps", self.ld_alpha is not None),
+                                                  ("log_sum_sq", self.use_weighting),
+                                                  ("router_aux", bool(self.router_aux_coef))) if asked)
 
     def tensors(self, logps) -> dict[str, torch.Tensor]:
         """Every per-pair tensor a loss may read (losses.py's list), each (B,)."""
@@ -114,6 +121,8 @@ class Objective:
             losses = term if losses is None else losses + term
         if self.sft_weight:
             losses = losses - self.sft_weight * logps.policy_chosen_logps / logps.chosen_lengths
+        if self.router_aux_coef:  # one value per batch: added to every pair's loss, so to their mean
+            losses = losses + self.router_aux_coef * logps.policy_router_aux_loss
         if self.types[0] in MEAN_LOGP_REWARDS:
             chosen_rewards = self.beta * (logps.policy_chosen_logps / logps.chosen_lengths).detach()
             rejected_rewards = self.beta * (logps.policy_rejected_logps / logps.rejected_lengths).detach()

@@ -58,33 +58,50 @@ def with_system(prompt: list[dict], system_prompt: str | None) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, *prompt]
 
 
-def render(pair: dict, tokenizer, template: str, system_prompt: str | None = None) -> tuple[str, str, str]:
-    """(prompt_text, chosen_text, rejected_text) of a row in the internal form (rows.normalise):
+ANSWER = "\x00the answer\x00"  # stands for an answer's content where the template places it (no tag, no blank)
+
+
+def render(pair: dict, tokenizer, template: str, system_prompt: str | None = None, tools=None,
+           template_kwargs: dict | None = None) -> tuple[str, str, str, bool]:
+    """(prompt_text, chosen_text, rejected_text, apart) of a row in the internal form (rows.normalise):
     the prompt ends with the template's generation header, and each completion is what the
-    template adds after it once the answer's turns follow."""
+    template adds after it once the answer's turns follow. `tools` and `template_kwargs` (e.g.
+    enable_thinking) reach the template as apply_chat_template passes them.
+
+    Some templates render the prompt differently once an answer follows (thinking templates strip
+    reasoning, or end the generation header with an empty thought block the full conversation
+    lacks): then `apart` is True and the split follows the full rendering: the prompt is the text
+    both full renderings share with the rendering of an answer-shaped placeholder, up to where that
+    placeholder's content begins; each completion is the rest of its full rendering."""
     prompt = with_system(pair["prompt"], system_prompt)
-    prompt_text = apply(tokenizer, template, prompt, add_generation_prompt=True)
-    completions = []
-    for key in ("chosen", "rejected"):
-        full = apply(tokenizer, template, prompt + pair[key])
-        if not full.startswith(prompt_text):
-            at = next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b), min(len(prompt_text), len(full)))
-            raise DataError(
-                f"field {key!r}: the chat template renders the prompt one way alone (ending {prompt_text[at:][:40]!r} "
-                f"at character {at}) and another once the answer follows ({full[at:][:40]!r}); DPO needs the answer "
-                "to continue the prompt as generation would: check the row's roles, or set data.chat_template")
-        completions.append(full[len(prompt_text):])
-    return prompt_text, completions[0], completions[1]
+    render_turns = lambda turns, **extra: apply(tokenizer, template, turns, tools=tools, **(template_kwargs or {}),
+                                                **extra)
+    prompt_text = render_turns(prompt, add_generation_prompt=True)
+    full = [render_turns(prompt + pair[key]) for key in ("chosen", "rejected")]
+    if all(text.startswith(prompt_text) for text in full):
+        return prompt_text, full[0][len(prompt_text):], full[1][len(prompt_text):], False
+    placeholder = render_turns(prompt + [{"role": pair["chosen"][0]["role"], "content": ANSWER}])
+    shared = placeholder[:placeholder.find(ANSWER)] if ANSWER in placeholder else prompt_text
+    shared = shared[:min(common_prefix_length(shared, text) for text in full)]
+    return shared, full[0][len(shared):], full[1][len(shared):], True
 
 
-def apply(tokenizer, template: str, turns: list[dict], add_generation_prompt: bool = False) -> str:
-    """The template's text for `turns`; a template that refuses them (Jinja's raise_exception, as
-    for a system turn a model does not support) is a DataError, one line, not a traceback."""
+def common_prefix_length(a, b) -> int:
+    """How many leading items (characters, token ids) the sequences `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def apply(tokenizer, template: str, turns: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
+          **kwargs):
+    """The template's text for `turns` (token ids with `tokenize`, as apply_chat_template gives them); a
+    template that refuses them (Jinja's raise_exception, as for a system turn a model does not support)
+    is a DataError, one line, not a traceback. `kwargs` reach the template (tools, enable_thinking, ...)."""
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        rendered = tokenizer.apply_chat_template(turns, chat_template=template, tokenize=tokenize,
+                                                 add_generation_prompt=add_generation_prompt, **kwargs)
     except TemplateError as e:
         roles = ", ".join(t["role"] for t in turns)
         raise DataError(f"the chat template refuses these turns ({roles}): {str(e).splitlines()[0]}") from None
+    return rendered["input_ids"] if tokenize and not isinstance(rendered, list) else rendered

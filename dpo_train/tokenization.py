@@ -3,8 +3,10 @@ with EOS, truncated to the configured lengths."""
 
 from __future__ import annotations
 
+import json
+
 from .rows import FIELDS, DataError, normalise
-from .templates import render
+from .templates import apply, common_prefix_length, render, with_system
 
 
 def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int, template: str | None = "auto",
@@ -23,18 +25,27 @@ def tokenize_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int,
 
 
 def encode(row: dict, tokenizer, max_length: int, max_prompt_length: int, template: str | None,
-           system_prompt: str | None) -> tuple[dict, dict]:
-    """(the row in the internal form, its tokenized pair): tokenize_pair's work, `template` resolved."""
+           system_prompt: str | None, template_kwargs: dict | None = None,
+           trl_tokenization: bool = False) -> tuple[dict, dict]:
+    """(the row in the internal form, its tokenized pair): tokenize_pair's work, `template` resolved. A
+    row's `tools` (a list, or JSON text of one) and `template_kwargs` reach the template; with
+    `trl_tokenization` a templated pair is tokenized as TRL 1.16 does it (tokenize_like_trl). The pair's
+    `rendered_apart` says whether the template renders its prompt differently once an answer follows."""
     pair = normalise(row.get("prompt"), row["chosen"], row["rejected"])
+    tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
+    apart = False
     if template is None:
         conversation = next((k for k in FIELDS if isinstance(row.get(k), list)), None)
         if conversation:
             raise DataError(f"field {conversation!r} is a conversation (a list of messages), which needs a chat "
                             "template: the tokenizer has none, or data.chat_template is none")
         ids = tokenize_text(*(pair[k][0]["content"] for k in FIELDS), tokenizer)
+    elif trl_tokenization:
+        ids = tokenize_like_trl(pair, tokenizer, template, system_prompt, tools, template_kwargs)
     else:
-        ids = tokenize_templated(*render(pair, tokenizer, template, system_prompt), tokenizer)
-    return pair, truncate(*ids, tokenizer.eos_token_id, max_length, max_prompt_length)
+        *texts, apart = render(pair, tokenizer, template, system_prompt, tools, template_kwargs)
+        ids = tokenize_templated(*texts, tokenizer)
+    return pair, {**truncate(*ids, tokenizer.eos_token_id, max_length, max_prompt_length), "rendered_apart": apart}
 
 
 def tokenize_text(prompt: str, chosen: str, rejected: str, tokenizer) -> tuple[list, list, list]:
@@ -50,8 +61,19 @@ def tokenize_text(prompt: str, chosen: str, rejected: str, tokenizer) -> tuple[l
     return prompt_ids[:shared], full[0][shared:], full[1][shared:]
 
 
-def common_prefix_length(a: list, b: list) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def tokenize_like_trl(pair: dict, tokenizer, template: str, system_prompt: str | None, tools,
+                      template_kwargs: dict | None) -> tuple[list, list, list]:
+    """A templated pair as TRL 1.16's DPOTrainer tokenizes it (_prepare_dataset): the prompt with the
+    generation header and each whole conversation tokenized by the template; each completion is what
+    follows the token prefix the three share, so it also holds what the template writes after the
+    end-of-turn token (ChatML's "\n" after <|im_end|>), which TRL scores."""
+    prompt = with_system(pair["prompt"], system_prompt)
+    ids = lambda turns, **extra: apply(tokenizer, template, turns, tokenize=True, tools=tools,
+                                       **(template_kwargs or {}), **extra)
+    prompt_ids = ids(prompt, add_generation_prompt=True)
+    full = [ids(prompt + pair[key]) for key in ("chosen", "rejected")]
+    shared = min(common_prefix_length(prompt_ids, one) for one in full)
+    return prompt_ids[:shared], full[0][shared:], full[1][shared:]
 
 
 def tokenize_templated(prompt_text: str, chosen_text: str, rejected_text: str, tokenizer) -> tuple[list, list, list]:

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import attention, engines, health, hub, reference as precomputed, templates, tracking
+from . import engines, health, hub, layouts, reference as precomputed, router, templates, tracking
 from .card import model_card
 from .checkpoint import restore, resume_point, save_checkpoint, save_final
 from .config import Config
@@ -50,7 +50,8 @@ def training_step(policy, reference, batch, loss_fn):
     """Reference forward (no grad), policy forward, loss. Returns (mean loss, metric sums)."""
     logps = policy_and_reference_logps(policy, reference, batch, loss_fn.extras)
     losses, chosen_rewards, rejected_rewards = loss_fn(logps)
-    sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps, logps.policy_rejected_logps)
+    sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps, logps.policy_rejected_logps,
+                        logps.policy_router_aux_loss)
     return losses.mean(), sums
 
 
@@ -108,7 +109,7 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
     if accelerator.is_main_process:
         remove_leftovers(out, log)
     with accelerator.local_main_process_first():  # the first process of each machine fills the GGUF and datasets caches
-        tokenizer = load_tokenizer(m.name_or_path)
+        tokenizer = load_tokenizer(m.name_or_path, m.init_kwargs)
         templates.adopt(tokenizer, d.chat_template)  # final/ keeps the template the data was rendered with
         if m.ref_name_or_path:
             hf_dir(m.ref_name_or_path)
@@ -130,7 +131,8 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
     lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
     loss_fn = Objective(**vars(l))
     policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
-                                                  need_reference=loss_fn.needs_reference)
+                                                  need_reference=loss_fn.needs_reference, init_kwargs=m.init_kwargs)
+    loss_fn.router_aux_coef = router.coefficient(l.router_aux_coef, policy)  # null: the model's own, as TRL
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     if t.compile:  # in place: parameter names, checkpoints and the saved model are unchanged
@@ -140,17 +142,16 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
     engines.configure_deepspeed(accelerator, t.per_device_batch_size, t.max_grad_norm, policy.config)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    scorers = [accelerator.unwrap_model(policy)] + ([reference] if reference is not None else [])
-    layout, reason = attention.usable_layout(t.layout, [model.config for model in scorers])
-    if reason:
-        log(f"train.layout packed: {reason}; using the rows layout instead (the same numbers, with padding)")
-    if reason := head_inside(policy):
-        log(f"the LM head runs inside the model's forward: {reason}")
-    collate_fn = partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)
     if reference is not None and not isinstance(reference, AdapterDisabled):  # that one lives inside the policy
         reference = engines.place_reference(accelerator, reference)
         held, total = engines.held_here(reference)
         log(f"the frozen reference: this process holds {held:,} of its {total:,} parameters")
+    scorers = [accelerator.unwrap_model(policy)] + ([reference] if reference is not None else [])
+    layout = layouts.decide(accelerator, t.layout, scorers, train_set, t.per_device_batch_size, tokenizer.pad_token_id,
+                            t.layout_check, log)
+    if reason := head_inside(policy):
+        log(f"the LM head runs inside the model's forward: {reason}")
+    collate_fn = partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)
     if m.precompute_reference and reference is not None:
         train_set, eval_set = precomputed.attach(accelerator, reference, [train_set, eval_set], collate_fn,
                                                  t.per_device_batch_size, cache_dir(), log)

@@ -129,6 +129,8 @@ def _coerce(value, hint, key: str, path: Path):
         return value
     if hint is bool and isinstance(value, bool):
         return value
+    if hint is dict and isinstance(value, dict):  # passed on as it is (model.init_kwargs, data.chat_template_kwargs)
+        return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is float and not isinstance(value, bool):
@@ -162,6 +164,8 @@ def _kind(hint) -> str:
         return " or ".join(_kind(a) for a in args)
     if hint is type(None):
         return "null"
+    if hint is dict:
+        return "mapping"
     if dataclasses.is_dataclass(hint):
         return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
     return getattr(hint, "__name__", str(hint))
@@ -169,9 +173,9 @@ def _kind(hint) -> str:
 
 def setting(default, help: str):
     """A config field and its help text, which `dpo-train --help` and docs/configuration.md show. A list
-    default is copied for each instance; an empty-string default marks a key the config must set."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    or mapping default is copied for each instance; an empty-string default marks a key the config must set."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 

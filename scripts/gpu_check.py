@@ -9,6 +9,8 @@ Phases, in order (each runs only if its estimate fits the time left; the report 
   flex-vs-loop the packed layout with its per-pair SDPA loop instead of FlexAttention (the A/B)
   resume       SIGKILL right after a checkpoint, resume, final weights against uninterrupted runs
   fsdp2, zero3 NUM_PROCESSES=1 scripts/launch.sh fsdp|zero3 on SmolLM2: a few steps, a checkpoint, the final save
+  families     scripts/family_table.py on the window, softcap and sink families (FlexAttention in packed): log-probs
+               against a naive forward, one step's gradients against padded's, fp32
   compiled-*   our layouts again with train.compile (compiling takes most of each run)
 
     python scripts/gpu_check.py [--out DIR] [--budget SECONDS] [--phases setup,bench-qwen2,...]
@@ -195,6 +197,24 @@ def engine_check(run: Runner, args, sizes: Sizes, engine: str, model: str) -> di
     return result
 
 
+FLEX_FAMILIES = "mistral,gemma3_text,gemma2,gpt_oss"  # a window, mixed windows, softcap + windows, sinks + windows
+FAMILY_TOLERANCE = 1e-4  # relative, fp32 on a GPU (the CPU tests hold 1e-5; GPU kernels sum in other orders)
+
+
+def families_check(run: Runner, args) -> dict:
+    """The families whose packed layout FlexAttention serves differently (a score_mod, sinks from the
+    log-sum-exp, one block mask per window), against a naive forward and the padded layout."""
+    out = args.work / "families.json"
+    out.unlink(missing_ok=True)
+    result = run([sys.executable, "scripts/family_table.py", "--families", FLEX_FAMILIES, "--grads", "--device",
+                  "cpu" if args.dry_run else "cuda", "--json", str(out)])
+    if result["rc"] == 0:
+        result["families"] = json.loads(out.read_text())
+        worst = [row.get(key) for row in result["families"] for key in ("packed", "rows", "packed_grads", "rows_grads")]
+        result["ok"] = all(isinstance(value, float) and value < FAMILY_TOLERANCE for value in worst)
+    return result
+
+
 def phases(args, sizes: Sizes) -> list[tuple[str, float, object]]:
     """(name, estimated seconds, function of the runner) in the order they run: the uncompiled
     comparison first, then the checks of engines and resume, then the A/B and compiled runs."""
@@ -212,6 +232,7 @@ def phases(args, sizes: Sizes) -> list[tuple[str, float, object]]:
     checked = models["qwen2" if sizes.checks_on_qwen2 else "smollm2"]
     table += [("resume", 70, lambda run: resume_check(run, args, sizes, checked()))]
     table += [(engine, 45, lambda run, e=engine: engine_check(run, args, sizes, e, checked())) for engine in ("fsdp", "zero3")]
+    table += [("families", 60, lambda run: families_check(run, args))]
     table += [measure(f"flex-vs-loop-{shape}", 30, "qwen2", shape, "packed", ["--no-trl"],
                       {"DPO_TRAIN_PAIR_ATTENTION": "loop"}) for shape in shapes]
     for layouts, estimate in (("packed", 100), ("rows,padded", 200)):

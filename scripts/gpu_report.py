@@ -98,6 +98,12 @@ def checks(results: dict) -> list[str]:
             detail = (f": {len(losses)} steps, losses {[round(x, 4) for x in losses]}, final model saved: "
                       f"{result['final_saved']}")
         lines.append(f"- {name}, 1 process: {status(result) if result else 'not run'}{detail}")
+    families = results.get("families", {})
+    lines.append(f"- model families on FlexAttention (packed) and rows, fp32, max relative difference from a naive "
+                 f"forward (log-probs) and from padded (gradients): {status(families) if families else 'not run'}")
+    e = lambda value: f"{value:.1e}" if isinstance(value, float) else str(value)  # a crash stays its words
+    lines += [f"  - {r['family']}: packed {e(r['packed'])}, rows {e(r['rows'])}, gradients packed "
+              f"{e(r.get('packed_grads'))}, rows {e(r.get('rows_grads'))}" for r in families.get("families", [])]
     return lines
 
 

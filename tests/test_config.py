@@ -156,6 +156,24 @@ def test_nested_lora_settings_from_yaml_and_one_override(tmp_path):
     assert cfg.model.lora.r == 4 and cfg.model.lora.alpha == 8.0 and cfg.model.lora.target_modules == ["o_proj"]
 
 
+def test_mappings_passed_on_as_given_from_yaml_and_overrides(tmp_path):
+    """model.init_kwargs and data.chat_template_kwargs are mappings handed to from_pretrained and the chat
+    template as they are; an override reaches inside them; model.dtype is not set there."""
+    text = GOOD.replace("model: {name_or_path: some/model}",
+                        "model: {name_or_path: some/model, init_kwargs: {attn_implementation: eager, revision: v2}}")
+    cfg = load_config(write(tmp_path, text), ["data.chat_template_kwargs.enable_thinking=false",
+                                              "model.init_kwargs.trust_remote_code=true", "loss.router_aux_coef=0.01",
+                                              "data.trl_tokenization=true", "train.layout_check=false"])
+    assert cfg.model.init_kwargs == {"attn_implementation": "eager", "revision": "v2", "trust_remote_code": True}
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False} and cfg.data.trl_tokenization is True
+    assert cfg.loss.router_aux_coef == 0.01 and cfg.train.layout_check is False
+    defaults = load_config(write(tmp_path, GOOD))
+    assert defaults.model.init_kwargs == {} == defaults.data.chat_template_kwargs and defaults.train.layout_check
+    assert defaults.loss.router_aux_coef is None and defaults.data.trl_tokenization is False
+    assert "model.init_kwargs.dtype: is set by model.dtype" in error(tmp_path, GOOD, ["model.init_kwargs.dtype=bfloat16"])
+    assert "data.chat_template_kwargs: expected mapping" in error(tmp_path, GOOD, ["data.chat_template_kwargs=3"])
+
+
 def test_loss_hyperparameters_for_their_own_loss(tmp_path):
     cfg = load_config(write(tmp_path, GOOD), ["loss.type=robust", "loss.label_smoothing=0.2", "loss.sft_weight=1"])
     assert cfg.loss.label_smoothing == 0.2 and cfg.loss.sft_weight == 1.0

@@ -198,3 +198,33 @@ def test_a_compiled_model_reads_the_prebuilt_masks_in_one_graph_across_batches(m
         fused, _ = packed_forward(model, batch, monkeypatch, "flex")
         assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-5) for a, b in zip(loop, fused))
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+@pytest.mark.parametrize("softcap, sinks", [(5.0, False), (None, True), (3.0, True)])
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_with_a_softcap_and_sinks_equals_the_loop(monkeypatch, softcap, sinks, window):
+    """Gemma 2's softcap is a score_mod; GPT-OSS's sinks scale each output by sigmoid(lse - sink): both
+    give the loop's explicit scores (attention.scored_attend)."""
+    query, key, value = random_qkv(47)
+    extra = {"softcap": softcap, "s_aux": torch.randn(4, generator=torch.Generator().manual_seed(1)) if sinks else None}
+    call = lambda: attention.pair_attention(torch.nn.Module(), query, key, value, None, scaling=0.3,
+                                            sliding_window=window, **extra,
+                                            **{attention.SPANS_KWARG: attention.Spans(SPANS)})[0]
+    monkeypatch.setenv("DPO_TRAIN_PAIR_ATTENTION", "loop")
+    loop = call()
+    monkeypatch.setenv("DPO_TRAIN_PAIR_ATTENTION", "flex")
+    assert torch.allclose(call(), loop, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss", "gemma3_text"])
+def test_window_softcap_and_sink_families_on_flex_give_the_loops_log_probs(monkeypatch, family):
+    """Mixed sliding (8 tokens) and full layers, each layer's window read from the call: one block mask
+    per window, one FlexAttention call per layer (forward only: CPUs have no FlexAttention backward)."""
+    from families import make_family_model, tokenized_pairs
+    tokenizer = make_tokenizer()
+    model = make_family_model(family, len(tokenizer))
+    batch = collate_packed(tokenized_pairs(tokenizer), tokenizer.pad_token_id)
+    loop, _ = packed_forward(model, batch, monkeypatch, "loop")
+    fused, flex_calls = packed_forward(model, batch, monkeypatch, "flex")
+    assert flex_calls == model.config.num_hidden_layers
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(loop, fused))

@@ -32,7 +32,7 @@ def test_the_phases_run_in_order_and_a_prefix_selects_them():
     listed = names(helper("--list").stdout)
     assert listed[:6] == ["setup", "bench-qwen2-prompt-heavy", "bench-qwen2-completion-heavy",
                           "bench-smollm2-prompt-heavy", "bench-smollm2-completion-heavy", "resume"]
-    assert {"fsdp", "zero3", "flex-vs-loop-prompt-heavy", "compiled-packed-qwen2-completion-heavy"} <= set(listed)
+    assert {"fsdp", "zero3", "families", "flex-vs-loop-prompt-heavy", "compiled-packed-qwen2-completion-heavy"} <= set(listed)
     assert names(helper("--list", "--phases", "resume,compiled-packed-qwen2").stdout) == [
         "resume", "compiled-packed-qwen2-prompt-heavy", "compiled-packed-qwen2-completion-heavy"]
 

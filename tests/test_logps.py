@@ -7,6 +7,8 @@ from conftest import make_model, make_tokenizer
 from dpo_train.data import COLLATES, collate, tokenize_pair
 from dpo_train.logps import EXTRAS, concatenated_forward, forward_sums, policy_and_reference_logps, sequence_logps
 
+TOKEN_EXTRAS = EXTRAS - {"router_aux"}  # the per-token ones; an MoE model's router loss: tests/test_router.py
+
 
 def naive_logps(logits, labels):
     """Per example, per position: log_softmax then pick the next token, skipping -100 labels."""
@@ -58,7 +60,7 @@ def test_extras_match_a_naive_loop_in_every_layout(layout):
             {"prompt": "a longer prompt here", "chosen": "a much longer chosen answer", "rejected": "no"}]
     pairs = [tokenize_pair(r, tokenizer, 128, 64) for r in rows]
     batch = COLLATES[layout](pairs, pad_token_id=tokenizer.pad_token_id)
-    sums = forward_sums(model, batch, chunk_size=4, extras=EXTRAS)
+    sums = forward_sums(model, batch, chunk_size=4, extras=TOKEN_EXTRAS)
     assert set(sums) == {"logps", "shared_logps", "log_sum_sq"}
     assert sums["logps"].requires_grad and not sums["log_sum_sq"].requires_grad
     expected = {"logps": [], "shared_logps": [], "log_sum_sq": []}
@@ -88,9 +90,9 @@ def test_policy_and_reference_logps_gives_the_objective_what_it_asks_for():
     batch = COLLATES["packed"](pairs, pad_token_id=tokenizer.pad_token_id)
     plain = policy_and_reference_logps(policy, reference, batch)
     assert plain.policy_chosen_shared_logps is None and plain.policy_chosen_log_sum_sq is None
-    full = policy_and_reference_logps(policy, reference, batch, EXTRAS)
+    full = policy_and_reference_logps(policy, reference, batch, TOKEN_EXTRAS)
     assert torch.equal(full.policy_chosen_logps, plain.policy_chosen_logps)
     assert full.reference_chosen_shared_logps is not None and full.policy_rejected_log_sum_sq is not None
     assert not full.reference_chosen_logps.requires_grad
-    free = policy_and_reference_logps(policy, None, batch, EXTRAS)  # no reference: zeros, shared parts too
+    free = policy_and_reference_logps(policy, None, batch, TOKEN_EXTRAS)  # no reference: zeros, shared parts too
     assert torch.equal(free.reference_rejected_shared_logps, torch.zeros(1))

@@ -71,3 +71,36 @@ def test_a_model_that_is_not_a_causal_lm_is_a_one_line_error(tmp_path):
                             "decoder-only model that AutoModelForCausalLM loads")
     with pytest.raises(ModelError, match="cannot load a causal LM"):  # a directory with no model at all
         load_model(str(tmp_path / "empty"), "float32")
+
+
+def test_init_kwargs_reach_from_pretrained_and_a_bad_one_is_one_line(tiny_model_dir):
+    """model.init_kwargs: the attention implementation asked for is the one loaded (revision and
+    trust_remote_code reach the config and tokenizer too); a key from_pretrained does not take, or a
+    kernel that is not installed, is a ModelError of one line."""
+    for implementation in ("eager", "sdpa"):
+        policy, reference = load_policy_and_reference(str(tiny_model_dir), None, "float32", init_kwargs={
+            "attn_implementation": implementation, "revision": "main", "trust_remote_code": False})
+        assert policy.config._attn_implementation == reference.config._attn_implementation == implementation
+    assert load_tokenizer(str(tiny_model_dir), {"revision": "main", "attn_implementation": "eager"}).eos_token
+    for bad, says in (({"not_a_kwarg": 1}, "unexpected keyword argument 'not_a_kwarg'"),
+                      ({"attn_implementation": "flash_attention_2"}, "FlashAttention2")):
+        with pytest.raises(ModelError, match=says) as raised:
+            load_model(str(tiny_model_dir), "float32", bad)
+        assert "\n" not in str(raised.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine's refusal")
+def test_a_quantized_model_is_refused_on_a_cpu_in_one_line_before_anything_loads(tmp_path, tiny_model_dir, tiny_data):
+    """QLoRA (model.init_kwargs.quantization_config) needs a CUDA GPU: on a CPU the run stops at once,
+    exit code 2, one line naming the key; without model.lora.r it would also have nothing to train."""
+    from typer.testing import CliRunner
+
+    from dpo_train.cli import app
+    config = tmp_path / "q.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_model_dir}, init_kwargs: {{quantization_config: "
+                      f"{{load_in_4bit: true}}}}}}\ndata: {{train: {tiny_data[0]}}}\ntrain: {{output_dir: {tmp_path / 'run'}}}\n")
+    result = CliRunner().invoke(app, ["--config", str(config)])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "model.init_kwargs.quantization_config: quantized (QLoRA) loading needs a CUDA GPU" in line
+    assert "set model.lora.r (QLoRA)" in line and not (tmp_path / "run").exists()

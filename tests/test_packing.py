@@ -3,6 +3,7 @@ and log-softmax, and gradient checkpointing give the padded path's log-probs, lo
 to 1e-5 in fp32."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,55 +311,62 @@ def test_the_packed_layout_leaves_the_models_own_attention_for_everything_else()
     assert torch.equal(model.generate(**prompts, max_new_tokens=5, do_sample=False), before)
 
 
-def test_a_model_whose_attention_ignores_the_interface_is_refused(monkeypatch):
-    """A model that never calls the registered attention would let pairs attend to each other."""
+@pytest.mark.parametrize("collate_fn", [collate_packed, collate_rows])
+def test_a_model_whose_attention_ignores_the_interface_is_refused(monkeypatch, collate_fn):
+    """A model that never calls the registered attention would let pairs attend to each other (packed) or
+    its windowed layers see their whole row (rows): the forward stops, and the survey sends it to padded."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama import modeling_llama
+
+    from dpo_train import layouts
     tokenizer, tokenized = pairs()
     model = make_model(len(tokenizer))
     monkeypatch.setattr(modeling_llama.ALL_ATTENTION_FUNCTIONS, "get_interface", lambda *args: sdpa_attention_forward)
-    with pytest.raises(RuntimeError, match="train.layout: rows"):
-        concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))
+    with pytest.raises(RuntimeError, match="AttentionInterface; use train.layout: padded"):
+        concatenated_forward(model, collate_fn(tokenized, tokenizer.pad_token_id))
+    layout, reason = layouts.choose("packed", [model])
+    assert layout == "padded" and "tokens mix outside its attention" in reason
 
 
-def test_softcapped_attention_is_left_to_the_rows_layout():
-    from transformers import Gemma2Config
-    reason = attention.unsupported(Gemma2Config(attn_logit_softcapping=50.0))
-    assert "attn_logit_softcapping" in reason
-    with pytest.raises(ValueError, match="train.layout: rows"):
-        attention.enable(Gemma2Config(attn_logit_softcapping=50.0))
-    assert attention.unsupported(Gemma2Config(attn_logit_softcapping=None)) is None
-
-
-def test_the_rows_layout_serves_when_either_model_needs_it():
-    """Policy and reference are scored in one layout: a reference of softcapped attention sends both to rows."""
-    from transformers import Gemma2Config, LlamaConfig
-    plain, softcapped = LlamaConfig(), Gemma2Config(attn_logit_softcapping=50.0)
-    assert attention.usable_layout("packed", [plain, plain]) == ("packed", None)
-    layout, reason = attention.usable_layout("packed", [plain, softcapped])
-    assert layout == "rows" and "attn_logit_softcapping" in reason
-    assert attention.usable_layout("padded", [softcapped]) == ("padded", None)
-    assert attention.usable_layout("rows", [plain]) == ("rows", None)
-
-
-def test_an_attention_feature_the_pair_attention_lacks_stops_the_forward():
-    """Should a model pass its attention a setting the pair attention does not implement (here
-    Gemma2's softcap, switched on after the layout was chosen), the forward stops instead of
-    returning numbers without it."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+def test_an_attention_keyword_the_pair_attention_lacks_stops_the_forward_and_keeps_it_from_packed(monkeypatch):
+    """Should a layer pass its attention a setting the pair attention does not implement, the packed
+    forward stops instead of returning numbers without it, and the survey, which sees every keyword the
+    layers pass, keeps the model from packed (rows runs the model's own attention, which reads it)."""
+    from dpo_train import layouts
     tokenizer, tokenized = pairs()
-    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                           head_dim=8, pad_token_id=1, attn_logit_softcapping=None))
-    concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))  # runs without softcapping
-    for layer in model.model.layers:
-        layer.self_attn.attn_logit_softcapping = 50.0
-    with pytest.raises(NotImplementedError, match="softcap.*train.layout: rows"):
-        concatenated_forward(model, collate_packed(tokenized, tokenizer.pad_token_id))
+    model = make_model(len(tokenizer))
+    spans = attention.Spans([(0, 3, 2, 2)])
+    query = key = value = torch.zeros(1, 4, 7, 8)
+    with pytest.raises(NotImplementedError, match="attention_chunk_size.*train.layout: rows"):
+        attention.pair_attention(torch.nn.Module(), query, key, value, None, attention_chunk_size=4,
+                                 **{attention.SPANS_KWARG: spans})
+    original = attention.Survey.attend
+    def attend(self, module, query, key, value, mask, dropout, scaling, window, kwargs):  # a layer passing one more
+        return original(self, module, query, key, value, mask, dropout, scaling, window, {**kwargs, "attention_chunk_size": 4})
+    monkeypatch.setattr(attention.Survey, "attend", attend)
+    layout, reason = layouts.choose("packed", [model])
+    assert layout == "rows" and "attention_chunk_size" in reason
 
 
-def test_a_softcapped_model_trains_in_the_rows_layout(tmp_path, tiny_data, capsys):
-    """train.layout: packed on Gemma2 (softcapped attention) switches to rows, says so, and trains."""
+def test_the_slowest_layout_either_model_needs_serves_both():
+    """Policy and reference are scored in one layout: a reference with a convolution sends both to padded;
+    a layout the user asked for that is exact stays, padded is never surveyed."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from families import make_family_model
+
+    from dpo_train import layouts
+    plain, mixing = make_family_model("llama", 105), make_family_model("lfm2", 105)
+    assert layouts.choose("packed", [plain, plain]) == ("packed", None)
+    assert layouts.choose("rows", [plain]) == ("rows", None)
+    layout, reason = layouts.choose("packed", [plain, mixing])
+    assert layout == "padded" and "Lfm2ShortConv" in reason
+    assert layouts.choose("padded", [mixing]) == ("padded", None)
+
+
+def test_a_softcapped_model_trains_packed(tmp_path, tiny_data, capsys):
+    """Gemma2's softcapped attention is computed by the pair attention (attention.scored_attend): packed
+    stays packed, with no switch said, and step 0 is ln 2."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from dpo_train.trainer import train
@@ -371,7 +379,7 @@ def test_a_softcapped_model_trains_in_the_rows_layout(tmp_path, tiny_data, capsy
     tokenizer.save_pretrained(tmp_path / "gemma2")
     train(tiny_config(tmp_path, tmp_path / "gemma2", tiny_data, "train.max_steps=2", "data.eval=null",
                       "train.eval_max_new_tokens=0"))
-    assert "attn_logit_softcapping; using the rows layout" in capsys.readouterr().out
+    assert "train.layout packed:" not in capsys.readouterr().out  # the line a switch would print
     assert abs(read_metrics(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6
 
 
