@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from . import attention, router
@@ -72,9 +73,9 @@ def _head_or_reason(model: torch.nn.Module) -> tuple[torch.nn.Module | None, str
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if transform := next((name for name in LOGIT_TRANSFORMS if getattr(config, name, None) is not None), None):
         return None, f"the model transforms its logits after the head ({transform})"
-    # FSDP2 and ZeRO-3 gather a sharded weight only inside the model's forward; outside it the weight is
-    # a DTensor (FSDP2) or ZeRO-3's empty ds_* placeholder.
-    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id") or weight.dim() != 2:
+    # FSDP2 and ZeRO-3 gather a sharded weight only inside the forward: a model FSDP2 shards is known by its
+    # class (its root's weights stay gathered after a forward), ZeRO-3's weight by its empty ds_* placeholder.
+    if isinstance(base, FSDPModule) or type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id") or weight.dim() != 2:
         return None, "its weight is sharded (FSDP2 or ZeRO-3) and gathered only inside the forward"
     return head, None
 
