@@ -37,11 +37,11 @@ def hold(where):
         while True:
             time.sleep(0.01)
 
-def holding(owner, name, where, after=False, when=lambda *args: True):
+def holding(owner, name, where, after=False, when=lambda *args, **kwargs: True):
     real = getattr(owner, name)
     def wrapper(*args, **kwargs):
         result = real(*args, **kwargs) if after else None
-        if when(*args):
+        if when(*args, **kwargs):
             hold(where)
         return result if after else real(*args, **kwargs)
     setattr(owner, name, wrapper)
@@ -51,9 +51,10 @@ if hook == "setup":
 elif hook == "train":
     holding(trainer, "optimizer_step", "train")
 elif hook == "evaluation":
-    holding(evaluate, "preference_metrics", "evaluation")
+    # the final evaluation, not the one at step 4 (the same function, named by its progress bar)
+    holding(evaluate, "preference_metrics", "evaluation", when=lambda *a, desc="", **kw: desc.startswith("final"))
 elif hook == "saving":
-    holding(checkpoint, "move_into_place", "saving", when=lambda tmp, final: final.name == "final")
+    holding(checkpoint, "move_into_place", "saving", when=lambda tmp, final, **kw: final.name == "final")
 elif hook == "writing-final":
     holding(transformers.PreTrainedModel, "save_pretrained", "writing-final", after=True)
 elif hook == "upload":
