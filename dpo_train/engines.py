@@ -61,6 +61,15 @@ def leave_deepspeed_unimported() -> None:
     accelerate.utils.other.is_deepspeed_available = lambda: False
 
 
+def leave_deepspeed_shm_unbuilt() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory allreduce at its first launch
+    on a machine (C++: 13 minutes measured on a busy 2-core machine) that a CPU rehearsal never
+    needs: gloo does the collectives. Mark the op unusable, so DeepSpeed skips the build. CPU rehearsal only."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: int) -> Accelerator:
     """The run's Accelerator, on the engine `accelerate launch` asked for. Raises EngineError when a
     different engine would run."""
@@ -71,6 +80,7 @@ def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: i
                 else InitProcessGroupKwargs(timeout=timeout)]
     if cpu and engine == "deepspeed":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        leave_deepspeed_shm_unbuilt()
     if engine != "deepspeed":
         leave_deepspeed_unimported()
     if cpu and engine == "fsdp":

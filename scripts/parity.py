@@ -11,6 +11,7 @@ the script prints each step's loss, rewards/margins and logps/chosen of both, an
     python scripts/parity.py --list
     python scripts/parity.py --case sigmoid --trl-tokenizes   # both tokenize the conversations, each its own way
     python scripts/parity.py --case sigmoid --tiny-moe        # a tiny Qwen3-MoE: TRL's router loss too
+    python scripts/parity.py --tiny-llama --lr 1e-3           # every case on a tiny Llama, in seconds each
 
 Like with like: TRL tokenizes a conversation with the chat template's whole text, so it also scores the
 "\\n" after each <|im_end|>; dpo-train stops at the end-of-turn token. By default TRL is therefore handed
@@ -18,6 +19,8 @@ dpo-train's token ids (its dataset is replaced after it is built), and both scor
 --trl-tokenizes gives each trainer the conversations instead, and dpo-train `data.trl_tokenization: true`,
 which tokenizes them as TRL does: a TRL user's data and settings, no token ids handed across.
 
+--tiny-llama trains a tiny Llama (2 layers, hidden 64, random weights, the --model's tokenizer): every
+objective's math against TRL's in seconds a case (what tests/test_parity.py runs for all cases).
 --tiny-moe trains a tiny Qwen3-MoE (2 layers, 4 experts, random weights, router_aux_loss_coef 0.05, the
 --model's tokenizer) instead: TRL 1.16 adds the routers' load-balancing loss (router_aux_loss_coef x aux_loss)
 and so does dpo-train (loss.router_aux_coef null: the model's coefficient).
@@ -162,19 +165,24 @@ def run_trl(model, model_dir: str, rows: list[dict], ids: list[dict] | None, cas
     return [{"loss": h["loss"], "margins": h["rewards/margins"], "logps": h["logps/chosen"]} for h in logs]
 
 
-def tiny_moe(tokenizer_dir: str, out: Path) -> str:
-    """A tiny Qwen3-MoE (random weights, seed 0) with the tokenizer of `tokenizer_dir`, saved to `out`."""
+def tiny_model(tokenizer_dir: str, out: Path, moe: bool) -> str:
+    """A tiny Llama, or Qwen3-MoE when `moe` (2 layers, random weights, seed 0), with the tokenizer of
+    `tokenizer_dir`, saved to `out`."""
     import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
     from dpo_train.models import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
-                            num_experts_per_tok=2, moe_intermediate_size=64, router_aux_loss_coef=0.05,
-                            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    Qwen3MoeForCausalLM(config).save_pretrained(out)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                 eos_token_id=tokenizer.eos_token_id)
+    if moe:
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape, num_experts=4, num_experts_per_tok=2,
+                                                   moe_intermediate_size=64, router_aux_loss_coef=0.05))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
 
@@ -196,6 +204,8 @@ def main(argv=None) -> dict:
                         help="TRL tokenizes the conversations itself (it then also scores the newline after <|im_end|>)")
     parser.add_argument("--tiny-moe", action="store_true",
                         help="a tiny Qwen3-MoE with --model's tokenizer instead of --model: the router loss too")
+    parser.add_argument("--tiny-llama", action="store_true",
+                        help="a tiny Llama with --model's tokenizer instead of --model: every objective in seconds")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads for both (0: torch's default); on a crowded machine 1 is far faster")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest per-step loss difference that passes")
@@ -211,18 +221,20 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="parity-"))
-    model_dir = tiny_moe(hf_dir(args.model), work / "tiny-moe") if args.tiny_moe else hf_dir(args.model)
+    tiny = "a tiny Qwen3-MoE" if args.tiny_moe else "a tiny Llama" if args.tiny_llama else None
+    model_dir = tiny_model(hf_dir(args.model), work / "tiny", args.tiny_moe) if tiny else hf_dir(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # copied for each TRL run
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()][:args.pairs]
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(rows)))
-    results = {}
+    results, ids_by_prompt_length = {}, {}
     for case in args.case or list(CASES):
         out = work / case
         out.mkdir()
         max_prompt_length = CASES[case][0].get("max_prompt_length", args.max_prompt_length)
-        ids = None if args.trl_tokenizes and CASES[case][2] == "dpo" else our_token_ids(
-            model_dir, data, args.max_length, max_prompt_length)
+        if max_prompt_length not in ids_by_prompt_length:  # tokenized once per prompt length, not per case
+            ids_by_prompt_length[max_prompt_length] = our_token_ids(model_dir, data, args.max_length, max_prompt_length)
+        ids = None if args.trl_tokenizes and CASES[case][2] == "dpo" else ids_by_prompt_length[max_prompt_length]
         ours = run_ours(model_dir, data, case, args, out)
         trl = run_trl(model, model_dir, rows, ids, case, args, out)
         steps = list(zip(ours, trl))
@@ -235,7 +247,7 @@ def main(argv=None) -> dict:
                          "max_margin_difference": max(abs(o["margins"] - t["margins"]) for o, t in steps)}
         print(f"PARITY-CASE {case} " + json.dumps(results[case]), flush=True)
     shutil.rmtree(work)
-    print(f"\nmodel {'a tiny Qwen3-MoE, tokenizer of ' if args.tiny_moe else ''}{args.model}, {args.pairs} pairs in one batch, lr {args.lr}, cosine without warmup, "
+    print(f"\nmodel {tiny + ', tokenizer of ' if tiny else ''}{args.model}, {args.pairs} pairs in one batch, lr {args.lr}, cosine without warmup, "
           f"{args.steps} steps, beta {args.beta}, fp32 CPU; TRL on "
           f"{'its own tokenization' if args.trl_tokenizes else 'dpo-train token ids'}")
     print(f"{'case':18s}{'step':>5s}{'TRL loss':>13s}{'ours':>13s}{'diff':>11s}{'TRL margin':>12s}{'ours':>10s}"
