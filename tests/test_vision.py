@@ -148,3 +148,19 @@ def test_images_without_a_vision_model_are_one_line(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match="row 0 .*the data has images .* the model has no image processor"):
         build_dataset(str(tmp_path / "train.jsonl"), "train", make_tokenizer(), 512, 256)
+
+
+def test_check_data_shows_images_per_pair_their_sizes_and_tokens(tmp_path):
+    from dpo_train.config import load_config
+    from dpo_train.data_report import check_data
+    checkpoint = save("llava", tmp_path / "llava")
+    rows = image_rows(4, tmp_path)  # 5 images: row 1 holds two; sizes from 20 to 60 pixels a side
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{name_or_path: {checkpoint}}}\ndata: {{train: {tmp_path / 'train.jsonl'}}}\n"
+                      f"train: {{output_dir: {tmp_path / 'run'}}}\n")
+    report = check_data(load_config(config))
+    assert "images: 5 in 4 of 4 pairs; per pair min 1, p50 1, p90 2, p99 2, max 2" in report
+    # 4 image tokens per image (28-pixel crops, 14-pixel patches): 4 or 8 per prompt
+    assert "image tokens per prompt: min 4, p50 4, p90 8, p99 8, max 8" in report
+    assert "image sizes (width x height): smallest " in report
