@@ -164,3 +164,18 @@ def test_check_data_shows_images_per_pair_their_sizes_and_tokens(tmp_path):
     # 4 image tokens per image (28-pixel crops, 14-pixel patches): 4 or 8 per prompt
     assert "image tokens per prompt: min 4, p50 4, p90 8, p99 8, max 8" in report
     assert "image sizes (width x height): smallest " in report
+
+
+def test_dpo_train_eval_scores_and_generates_with_images(tmp_path):
+    """`dpo-train eval` on a VLM against itself: the loss is ln 2 and greedy generation ran with each prompt's
+    images (the examples show them as <image>)."""
+    from dpo_train.evaluate import EvalSettings, evaluate_models
+    checkpoint = save("llava", tmp_path / "llava")
+    rows = image_rows(3, tmp_path)
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate_models(EvalSettings(model=str(checkpoint), ref=str(checkpoint), data=str(tmp_path / "test.jsonl")),
+                             max_new_tokens=2)
+    assert result["metrics"]["model"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert "exact_answer_accuracy" in result["metrics"]["model"]
+    assert result["examples"][0]["prompt"][0]["content"].startswith("<image>")
+    assert result["examples"][0]["model"] == result["examples"][0]["reference"]  # the same model, the same images
