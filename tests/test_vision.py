@@ -85,7 +85,6 @@ def parquet_rows(folder, n: int):
     return datasets.Dataset.from_list(rows, features=features)
 
 
-@pytest.mark.slow  # a whole run with evaluation and generation: about 15 s idle, 35 s on a shared machine
 def test_a_vlm_trains_from_parquet_image_bytes_and_final_holds_the_processor(tmp_path):
     """A LLaVA from a checkpoint, Parquet rows with image bytes, model.freeze_vision: step 0 is ln 2, the loss
     falls, the vision tower and projector are unchanged, the final greedy evaluation ran with the images, and
