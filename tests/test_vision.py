@@ -178,3 +178,29 @@ def test_dpo_train_eval_scores_and_generates_with_images(tmp_path):
     assert "exact_answer_accuracy" in result["metrics"]["model"]
     assert result["examples"][0]["prompt"][0]["content"].startswith("<image>")
     assert result["examples"][0]["model"] == result["examples"][0]["reference"]  # the same model, the same images
+
+
+@pytest.mark.slow  # launches 2 processes that import torch and transformers: about 40 s
+def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path, monkeypatch):
+    """A tiny LLaVA on image pairs: DDP on 2 CPU processes x 2 pairs equals one process x 2 pairs x 2 accumulation
+    steps, weights to 1e-5 in fp32 and the same metrics, in the packed layout (each image once per pair)."""
+    from dpo_train.config import load_config
+    from dpo_train.trainer import train
+    from test_engines import assert_same_run, launch
+    checkpoint = save("llava", tmp_path / "llava")
+    rows = image_rows(8, tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+model: {{name_or_path: {checkpoint}}}
+data: {{train: {tmp_path / 'train.jsonl'}, max_length: 128, max_prompt_length: 96}}
+train: {{output_dir: {tmp_path / 'one'}, per_device_batch_size: 2, learning_rate: 1e-3, max_steps: 2,
+         eval_max_new_tokens: 0, seed: 0, collective_timeout: 60}}
+""")
+    monkeypatch.setenv("DPO_TRAIN_CACHE", str(tmp_path / "cache-one"))
+    train(load_config(config, ["train.grad_accum_steps=2"]))
+    result = launch("ddp", config, "train.grad_accum_steps=1", f"train.output_dir={tmp_path / 'two'}",
+                    cache=tmp_path / "cache-two")
+    assert "on 2 CPU processes (gloo), fp32" in result.stdout and "using the" not in result.stdout
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert read_metrics(tmp_path / "two")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
