@@ -204,3 +204,27 @@ train: {{output_dir: {tmp_path / 'one'}, per_device_batch_size: 2, learning_rate
     assert "on 2 CPU processes (gloo), fp32" in result.stdout and "using the" not in result.stdout
     assert_same_run(tmp_path / "one", tmp_path / "two")
     assert read_metrics(tmp_path / "two")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_lora_and_a_precomputed_reference_with_images(tmp_path, monkeypatch):
+    """model.lora with model.freeze_vision: adapters on the language model only; model.precompute_reference: the
+    reference log-probs of image pairs cached once (step 0 is still ln 2)."""
+    monkeypatch.setenv("DPO_TRAIN_CACHE", str(tmp_path / "cache"))
+    from dpo_train.config import load_config
+    from dpo_train.trainer import train
+    checkpoint = save("llava", tmp_path / "llava")
+    rows = image_rows(4, tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+model: {{name_or_path: {checkpoint}, freeze_vision: true, precompute_reference: true, lora: {{r: 4}}}}
+data: {{train: {tmp_path / 'train.jsonl'}, max_length: 128, max_prompt_length: 96}}
+train: {{output_dir: {tmp_path / 'run'}, per_device_batch_size: 2, learning_rate: 1e-2, max_steps: 2,
+         eval_max_new_tokens: 0, seed: 0}}
+""")
+    train(load_config(config))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[1] < losses[0]
+    adapter = load_file(tmp_path / "run" / "final" / "adapter_model.safetensors")
+    assert any("language_model" in k for k in adapter)
+    assert not any("vision_tower" in k or "multi_modal_projector" in k for k in adapter)
