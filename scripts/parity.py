@@ -232,9 +232,12 @@ def main(argv=None) -> dict:
         out = work / case
         out.mkdir()
         max_prompt_length = CASES[case][0].get("max_prompt_length", args.max_prompt_length)
-        if max_prompt_length not in ids_by_prompt_length:  # tokenized once per prompt length, not per case
-            ids_by_prompt_length[max_prompt_length] = our_token_ids(model_dir, data, args.max_length, max_prompt_length)
-        ids = None if args.trl_tokenizes and CASES[case][2] == "dpo" else ids_by_prompt_length[max_prompt_length]
+        ids = None
+        if not (args.trl_tokenizes and CASES[case][2] == "dpo"):  # tokenized once per prompt length, not per case
+            if max_prompt_length not in ids_by_prompt_length:
+                ids_by_prompt_length[max_prompt_length] = our_token_ids(model_dir, data, args.max_length,
+                                                                        max_prompt_length)
+            ids = ids_by_prompt_length[max_prompt_length]
         ours = run_ours(model_dir, data, case, args, out)
         trl = run_trl(model, model_dir, rows, ids, case, args, out)
         steps = list(zip(ours, trl))

@@ -10,9 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "parity.py"
-# few pairs, short lengths: a step then costs little beyond the optimizer's. On a machine already busier than its
-# cores, one thread: there two threads per process ran 5-10x slower than one (measured).
-SHORT = ["--max-prompt-length", "4", "--max-length", "16"]
+SHORT = ["--max-prompt-length", "4", "--max-length", "16"]  # short lengths: a step costs little beyond the optimizer's
 
 
 def load_parity():
@@ -24,6 +22,7 @@ def load_parity():
 
 
 def threads() -> list[str]:
+    """One thread on a machine already busier than its cores: there two threads per process ran 5-10x slower."""
     return ["--threads", "1" if os.getloadavg()[0] > (os.cpu_count() or 1) else "0"]
 
 
