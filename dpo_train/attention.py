@@ -171,7 +171,9 @@ def own_implementation(config) -> str:
 
 def enable(config) -> None:
     """Route the model's attention through `pair_attention` (idempotent). Its own implementation
-    keeps serving every call without spans, with its own masks."""
+    keeps serving every call without spans, with its own masks. Only the language model's layers: a vision
+    tower keeps its own attention (some models pass the spans to it too; its attention ignores them)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     implementation = config._attn_implementation or "eager"
     if implementation.startswith(PREFIX):
         return

@@ -60,6 +60,8 @@ class ModelConfig:
     precompute_reference: bool = setting(False, "compute the reference log-probs once before training (one cached "
                                                 "no-grad pass), then free the reference: training holds one model")
     lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze_vision: bool = setting(False, "a vision-language model: train only its language model (the vision tower "
+                                         "and projector frozen, no LoRA adapter there); false trains all, as TRL does")
     init_kwargs: dict = setting({}, "from_pretrained's keyword arguments for policy and reference: attn_implementation, "
                                     "revision, trust_remote_code; quantization_config on a GPU (QLoRA)")
 

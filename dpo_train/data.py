@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import datasets
 import torch
 from datasets import Features, List, Value
 
+from . import images
+from .data_stats import DataStats
 from .rows import FIELDS, DataError, check_rows
 from .sources import load_rows, parts, rename, take
 from .templates import resolve
@@ -33,30 +34,6 @@ FEATURES = Features({"prompt_ids": IDS, "chosen_ids": IDS, "rejected_ids": IDS, 
                      "completion_truncated": Value("bool"), "drop_reason": Value("string"), "rendered_apart": Value("bool"),
                      **{f"{part}_full_length": Value("int32") for part in FIELDS},
                      "prompt": List({"role": Value("string"), "content": Value("string")}), "text": Value("bool")})
-
-
-@dataclass
-class DataStats:
-    rows: int
-    kept: int
-    prompt_truncated: int
-    completion_truncated: int
-    dropped: dict[str, int]
-    implicit_prompts: bool = False  # prompts were cut from the shared prefix of chosen and rejected
-    full_lengths: dict[str, list[int]] = field(default_factory=dict)  # kept pairs' token counts before truncation
-    # one per source of a mixture: path, split, available (its rows), rows (those it gave), kept
-    sources: list[dict] = field(default_factory=list)
-    rendered_apart: int = 0  # kept pairs whose template renders the prompt differently once the answer follows
-
-    def __str__(self) -> str:
-        dropped = ", ".join(f"{n} ({why})" for why, n in self.dropped.items()) or "0"
-        implicit = "; prompts taken from the shared prefix of chosen and rejected" if self.implicit_prompts else ""
-        mixture = "; sources: " + ", ".join(f"{s['path']} {s['rows']} of {s['available']} rows ({s['kept']} kept)"
-                                             for s in self.sources) if len(self.sources) > 1 else ""
-        apart = (f"; {self.rendered_apart} prompts rendered differently once the answer follows (split as the full "
-                 "rendering has them)") if self.rendered_apart else ""
-        return (f"{self.kept}/{self.rows} pairs kept; dropped {dropped}; truncated prompts "
-                f"{self.prompt_truncated}, truncated completions {self.completion_truncated}{implicit}{mixture}{apart}")
 
 
 def processes(num_proc: int | None, rows: int) -> int:
@@ -84,10 +61,11 @@ def with_rows(spec, stats: DataStats | None):
     return [dataclasses.replace(source, rows=given["rows"]) for source, given in zip(spec, stats.sources)]
 
 
-def train_and_eval_sets(data, tokenizer, seed: int) -> tuple:
+def train_and_eval_sets(data, tokenizer, seed: int, vision=None) -> tuple:
     """The config's `data` section built: (train set, eval set, eval rows, {split: DataStats}), the
-    eval entries None without data.eval. A mixture's rows per source are recorded in `data` (with_rows)."""
-    build = partial(build_dataset, tokenizer=tokenizer, **settings(data, seed))
+    eval entries None without data.eval. A mixture's rows per source are recorded in `data` (with_rows).
+    `vision` (vision.Vision, the model's processor) tokenizes rows with images."""
+    build = partial(build_dataset, tokenizer=tokenizer, vision=vision, **settings(data, seed))
     train_set, _, train_stats = build(data.train, data.train_split, key="data.train")
     eval_set, eval_rows, eval_stats = (build(data.eval, data.eval_split, key="data.eval") if data.eval
                                        else (None, None, None))
@@ -103,19 +81,22 @@ def fingerprint(pairs) -> str:
         ids = table.column(column).combine_chunks()
         digest.update(ids.value_lengths().to_numpy(zero_copy_only=False).tobytes())
         digest.update(ids.flatten().to_numpy(zero_copy_only=False).tobytes())
+    if "image_digest" in pairs.column_names:  # the images' bytes, which the token ids do not show
+        digest.update(",".join(table.column("image_digest").to_pylist()).encode())
     return digest.hexdigest()
 
 
 def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_length: int, *, chat_template: str = "auto",
                   system_prompt: str | None = None, columns: dict | None = None, num_proc: int | None = None,
                   seed: int = 0, key: str | None = None, template_kwargs: dict | None = None,
-                  trl_tokenization: bool = False):
+                  trl_tokenization: bool = False, vision=None):
     """Load, check, normalise and tokenize a preference set: one source (a path or hub id), or a
     mixture (a list of sources; see sources.parts), each source on its own, then concatenated in
     order. `key` names the config key in messages (data.train). Returns (tokenized dataset, kept
     rows, DataStats); the kept rows hold each pair's prompt in the internal form (`prompt` turns,
     `text`) and, when a source has one, its `answer`. `template_kwargs` reach the chat template (with
-    a row's `tools`); `trl_tokenization` tokenizes templated pairs as TRL does (tokenization.encode)."""
+    a row's `tools`); `trl_tokenization` tokenizes templated pairs as TRL does (tokenization.encode). Rows
+    with images (images.py) need `vision`, the model's processor; their pairs keep images.FEATURES too."""
     template = resolve(chat_template, tokenizer)
     if template is None and system_prompt:
         raise DataError("data.system_prompt: a system turn needs a chat template, and the tokenizer has none "
@@ -131,12 +112,14 @@ def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_lengt
         rows, row_numbers = take(rows, part, seed, index)
         pieces.append(tokenize_rows(rows, row_numbers, part.path, tokenizer, template, system_prompt, max_length,
                                     max_prompt_length, processes(num_proc, len(rows)), template_kwargs,
-                                    trl_tokenization))
+                                    trl_tokenization, vision))
         sources.append({"path": part.path, "split": part.split, "available": available, "rows": len(rows),
                         "implicit": implicit})
     if any("answer" in piece.column_names for piece in pieces):  # every source then has one, null where it had none
         pieces = [p if "answer" in p.column_names else p.add_column("answer", [None] * len(p), feature=Value("string"))
                   for p in pieces]
+    if any("images" in piece.column_names for piece in pieces):  # text sources in a mixture with image sources
+        pieces = [p if "images" in p.column_names else images.without_images(p) for p in pieces]
     tokenized = datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]
     reasons = tokenized["drop_reason"]
     start = 0
@@ -153,25 +136,35 @@ def build_dataset(spec, split: str, tokenizer, max_length: int, max_prompt_lengt
     if not keep:
         raise DataError(f"{spec if isinstance(spec, str) else key or 'data'}: no usable pairs remain ({stats})")
     rows = kept.select_columns(["prompt", "text", *(["answer"] if "answer" in kept.column_names else [])])
-    return kept.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]), rows, stats
+    pair_columns = ["prompt_ids", "chosen_ids", "rejected_ids", *(images.FEATURES if "images" in kept.column_names else [])]
+    return kept.select_columns(pair_columns), rows, stats
 
 
 def tokenize_rows(rows, row_numbers, source: str, tokenizer, template, system_prompt, max_length, max_prompt_length,
-                  num_proc: int, template_kwargs: dict | None = None, trl_tokenization: bool = False) -> datasets.Dataset:
-    """One source's rows -> FEATURES (+ answer), in `num_proc` processes. A bad row raises DataError
-    naming the source and the row's number in it (`row_numbers`: after `take`, which rows were taken)."""
-    answer = "answer" in rows.column_names
+                  num_proc: int, template_kwargs: dict | None = None, trl_tokenization: bool = False,
+                  vision=None) -> datasets.Dataset:
+    """One source's rows -> FEATURES (+ answer, + images.FEATURES for a source with images), in `num_proc`
+    processes. A bad row raises DataError naming the source and the row's number in it (`row_numbers`:
+    after `take`, which rows were taken)."""
+    answer, image_column = "answer" in rows.column_names, images.column(rows)
+    rows = images.by_reference(rows, image_column) if image_column else rows
+    base = Path(source).parent if Path(source).is_file() else Path(source)  # where relative image paths start
 
     def prepare(row, index):
         try:
-            pair, ids = encode(row, tokenizer, max_length, max_prompt_length, template, system_prompt, template_kwargs,
-                               trl_tokenization)
+            if image_column:
+                pair, ids = images.encode(row, image_column, base, vision, tokenizer, max_length, max_prompt_length,
+                                          template, system_prompt, template_kwargs, trl_tokenization)
+            else:
+                pair, ids = encode(row, tokenizer, max_length, max_prompt_length, template, system_prompt,
+                                   template_kwargs, trl_tokenization)
         except DataError as e:
             raise DataError(f"{source}: row {index if row_numbers is None else row_numbers[index]} (0-based): {e}") from None
         return {**ids, "prompt": pair["prompt"], "text": pair["text"],
                 **({"answer": None if row["answer"] is None else str(row["answer"])} if answer else {})}
 
-    features = Features({**FEATURES, **({"answer": Value("string")} if answer else {})})
+    features = Features({**FEATURES, **({"answer": Value("string")} if answer else {}),
+                         **(images.FEATURES if image_column else {})})
     return rows.map(prepare, with_indices=True, remove_columns=rows.column_names, features=features,
                     num_proc=num_proc if num_proc > 1 else None, desc=f"Tokenizing {Path(source).name}")
 

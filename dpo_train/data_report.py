@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from itertools import groupby
 
+from . import vision
 from .config import Config, DataConfig
 from .data import IGNORE_INDEX, DataStats, build_dataset, collate, settings
 from .models import load_tokenizer
@@ -53,6 +54,21 @@ def render_pair(pair: dict, tokenizer) -> list[str]:
     return lines
 
 
+def image_lines(pairs) -> list[str]:
+    """Images per kept pair, their sizes and their tokens in the prompt (min, percentiles, max)."""
+    counts, tokens = [len(sizes) for sizes in pairs["image_sizes"]], pairs["image_tokens"]
+    sizes = [size for row in pairs["image_sizes"] for size in row]
+    spread = lambda values: f"min {min(values)}, " + ", ".join(f"p{q} {percentile(values, q)}" for q in PERCENTILES) \
+        + f", max {max(values)}"
+    lines = [f"  images: {sum(counts)} in {sum(n > 0 for n in counts)} of {len(counts)} pairs; per pair {spread(counts)}"]
+    if sizes:
+        pixels = [w * h for w, h in sizes]
+        smallest, largest = sizes[pixels.index(min(pixels))], sizes[pixels.index(max(pixels))]
+        lines.append(f"  image sizes (width x height): smallest {smallest[0]}x{smallest[1]}, largest "
+                     f"{largest[0]}x{largest[1]}; image tokens per prompt: {spread(tokens)}")
+    return lines
+
+
 def describe(name: str, source, stats: DataStats, pairs, tokenizer, data: DataConfig) -> str:
     why = ", ".join(f"{n} {why}" for why, n in stats.dropped.items())
     lines = [f"{name}: {source if isinstance(source, str) else f'a mixture of {len(stats.sources)} sources'}"]
@@ -68,6 +84,8 @@ def describe(name: str, source, stats: DataStats, pairs, tokenizer, data: DataCo
     lines.append(f"  rendered apart: {stats.rendered_apart} pairs whose chat template renders the prompt differently "
                  "once the answer follows (their prompt is the one the full rendering shows)")
     lines += ["  " + line for line in length_table(stats.full_lengths)]
+    if "images" in pairs.column_names:
+        lines += image_lines(pairs)
     # the first kept pair of each source (a mixture's sources may differ in shape)
     first, examples = 0, []
     for i, given in enumerate(stats.sources):
@@ -84,6 +102,7 @@ def check_data(config: Config) -> str:
     loading the model; return the report. Bad data raises DataError as in training."""
     d = config.data
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.init_kwargs)
+    processor = vision.load(config.model.name_or_path, tokenizer, config.model.init_kwargs)  # a VLM's: it reads images
     rendering = describe_template(d.chat_template, resolve(d.chat_template, tokenizer))
     system = f"; system prompt {d.system_prompt!r} where a prompt has none" if d.system_prompt else ""
     system += f"; template arguments {d.chat_template_kwargs}" if d.chat_template_kwargs else ""
@@ -91,6 +110,7 @@ def check_data(config: Config) -> str:
     sections = [f"tokenizer: {config.model.name_or_path}; rendered with {rendering}{system}"]
     for name, source, split in (("train", d.train, d.train_split), ("eval", d.eval, d.eval_split)):
         if source:
-            pairs, _, stats = build_dataset(source, split, tokenizer, key=f"data.{name}", **settings(d, config.train.seed))
+            pairs, _, stats = build_dataset(source, split, tokenizer, key=f"data.{name}", vision=processor,
+                                          **settings(d, config.train.seed))
             sections.append(describe(name, source, stats, pairs, tokenizer, d))
     return "\n\n".join(sections)

@@ -251,3 +251,14 @@ def place_reference(accelerator, reference: torch.nn.Module) -> torch.nn.Module:
         fully_shard(reference.to(accelerator.device))
         return reference
     return reference.to(accelerator.device)
+
+
+def look_for_unused_parameters(accelerator, needed: bool) -> None:
+    """Where `needed`, have DDP look for parameters without gradients (as TRL does for a vision-language model):
+    a trained vision tower holds some its model never reads (LLaVA reads CLIP's hidden states, not its
+    post-layernorm's output, nor, at vision_feature_layer -2, its last layer). Only before `prepare`; FSDP2
+    and DeepSpeed need none of it. DDP then keeps the LM head inside the forward (logps.head_inside)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if needed:
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from . import layouts
+from . import layouts, vision
 from .progress import bar, say
 from .config import ConfigError, LossConfig, ModelConfig, checker, load_config
 from .data import COLLATES, build_dataset
@@ -73,11 +73,12 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int = 16,
-             synced: bool = False, desc: str = "generate", show: bool = True, stop=None) -> list[str] | None:
+             synced: bool = False, desc: str = "generate", show: bool = True, stop=None, images: list | None = None,
+             vision=None) -> list[str] | None:
     """Greedy completions for already-tokenized prompts, decoded without special tokens, a progress
     bar over the prompts where `show`. `synced` keeps every process stepping until all are done
     (sharded weights gather inside each forward). None when `stop()`, asked before each batch, says
-    to stop."""
+    to stop. `images`: each prompt's image references, read by `vision` (vision.Vision)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -93,7 +94,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
         # left-pad so that every prompt ends where generation starts
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        pictures = vision.generation_inputs(images[start:start + batch_size], input_ids) if images else {}
         generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                   **{k: v.to(device) for k, v in pictures.items()},
                                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
@@ -104,13 +107,16 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
 
 
 def generate_on_every_process(accelerator, model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                              synced: bool, desc: str = "generate", stop=None) -> list[str] | None:
+                              synced: bool, desc: str = "generate", stop=None, images: list | None = None,
+                              vision=None) -> list[str] | None:
     """Greedy completions of all prompts, in order, on every process: each process generates its share
     (equal shares, the last one padded with repeats), in lock-step when `synced`; the main process
-    shows its share's progress. None when stopped."""
-    with accelerator.split_between_processes(list(prompt_ids), apply_padding=True) as share:
-        outputs = generate(accelerator.unwrap_model(model), tokenizer, share, max_new_tokens, synced=synced,
-                           desc=desc, show=accelerator.is_main_process, stop=stop)
+    shows its share's progress. None when stopped. `images`, `vision`: as `generate` takes them."""
+    with accelerator.split_between_processes(list(zip(prompt_ids, images or [None] * len(prompt_ids))),
+                                             apply_padding=True) as share:
+        outputs = generate(accelerator.unwrap_model(model), tokenizer, [ids for ids, _ in share], max_new_tokens,
+                           synced=synced, desc=desc, show=accelerator.is_main_process, stop=stop,
+                           images=[refs for _, refs in share] if images else None, vision=vision)
     return None if outputs is None else gather_object(outputs)[:len(prompt_ids)]
 
 
@@ -200,20 +206,24 @@ def evaluate_models(settings: EvalSettings, batch_size: int = 4, max_new_tokens:
     tokenizer is the model's. Returns a JSON-ready dict."""
     s, l = settings, settings.loss
     accelerator = Accelerator()
-    model, reference = freeze(load_model(s.model, dtype)), freeze(load_model(s.ref, dtype))
+    images = vision.is_vision_language(s.model)  # then both load as vision-language models, and images are read
+    model, reference = freeze(load_model(s.model, dtype, images=images)), freeze(load_model(s.ref, dtype, images=images))
     tokenizer = load_tokenizer(s.model)
+    vlm = vision.load(s.model, tokenizer) if images else None
     for path, m in ((s.model, model), (s.ref, reference)):
         # Both score the same token ids; embedding tables may be padded beyond the tokenizer, not short of it.
         if m.get_input_embeddings().num_embeddings < len(tokenizer):
             raise ModelError(f"{path}: {m.get_input_embeddings().num_embeddings} token embeddings, fewer than the "
                              f"{len(tokenizer)} tokens of {s.model}'s tokenizer; model and reference must share it")
     pairs, rows, stats = build_dataset(s.data, s.split, tokenizer, s.max_length, s.max_prompt_length,
-                                       chat_template=s.chat_template, system_prompt=s.system_prompt, columns=s.columns)
+                                       chat_template=s.chat_template, system_prompt=s.system_prompt, columns=s.columns,
+                                       vision=vlm)
     for scored in (model, reference):
         layouts.check_head(scored)
-    layout, _ = layouts.choose("packed", [model, reference])  # as in training
+    collates = vlm.collates() if "images" in pairs.column_names else COLLATES
+    layout, _ = layouts.choose("packed", [model, reference], getattr(collates, "not_exact", None))  # as in training
     loader = accelerator.prepare(DataLoader(pairs, batch_size=batch_size,
-                                            collate_fn=partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)))
+                                            collate_fn=partial(collates[layout], pad_token_id=tokenizer.pad_token_id)))
     models = {"reference": reference.to(accelerator.device), "model": model.to(accelerator.device)}
     loss_fn = Objective(**vars(l))  # as the trainer builds it
     scored_against = reference if loss_fn.needs_reference else None  # as in training
@@ -221,8 +231,9 @@ def evaluate_models(settings: EvalSettings, batch_size: int = 4, max_new_tokens:
                for name, m in models.items()}
     has_answers = "answer" in rows.column_names
     count = (len(rows) if has_answers else min(num_examples, len(rows))) if max_new_tokens else 0
-    outputs = {name: generate(m, tokenizer, pairs["prompt_ids"][:count], max_new_tokens, desc=f"greedy generation: {name}")
-               for name, m in models.items()}
+    pictures = pairs["images"][:count] if "images" in pairs.column_names else None
+    outputs = {name: generate(m, tokenizer, pairs["prompt_ids"][:count], max_new_tokens, desc=f"greedy generation: {name}",
+                              images=pictures, vision=vlm) for name, m in models.items()}
     if has_answers and count:
         for name in models:
             metrics[name]["exact_answer_accuracy"] = exact_match(outputs[name], rows["answer"])
@@ -256,10 +267,11 @@ def format_report(result: dict) -> str:
 
 
 def final_evaluation(accelerator, policy, reference, eval_loader, loss_fn, tokenizer, eval_set, eval_rows,
-                     max_new_tokens: int, synced: bool = False, stop=None) -> dict | None:
+                     max_new_tokens: int, synced: bool = False, stop=None, vision=None) -> dict | None:
     """Held-out metrics for the trained policy and, when there is one, the reference; plus greedy
-    exact-answer accuracy when the eval rows carry an `answer`. Prints a side-by-side table. None
-    when `stop()` (asked before each batch, the same answer on every process) says to stop."""
+    exact-answer accuracy when the eval rows carry an `answer` (their images read by `vision`). Prints a
+    side-by-side table. None when `stop()` (asked before each batch, the same answer on every process) says to stop."""
+    images = eval_set["images"] if "images" in eval_set.column_names else None
     models = {"policy": policy} if reference is None else {"reference": reference, "policy": policy}
     results = {}
     for name, model in models.items():
@@ -270,7 +282,8 @@ def final_evaluation(accelerator, policy, reference, eval_loader, loss_fn, token
     if "answer" in eval_rows.column_names and max_new_tokens:
         for name, model in models.items():
             outputs = generate_on_every_process(accelerator, model, tokenizer, eval_set["prompt_ids"], max_new_tokens,
-                                                synced, f"final evaluation, greedy generation: {name}", stop)
+                                                synced, f"final evaluation, greedy generation: {name}", stop, images,
+                                                vision)
             if outputs is None:
                 return None
             results[name]["exact_answer_accuracy"] = exact_match(outputs, eval_rows["answer"])

@@ -19,11 +19,13 @@ the survey did not foresee.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
+from accelerate.utils import send_to_device
 
 from . import attention, engines
-from .data import COLLATES, collate
+from .data import COLLATES
 from .logps import HEAD_INSIDE, forward_sums, hidden_states_or_logits, separable_head, unwrapped
 
 ORDER = ("packed", "rows", "padded")  # fastest first; padded is exact for every causal model
@@ -118,11 +120,12 @@ def survey(model) -> dict[str, str]:
     return reasons
 
 
-def choose(layout: str, models: list) -> tuple[str, str | None]:
-    """(the fastest layout exact for every model, why it is not `layout`, or None when it is `layout`)."""
+def choose(layout: str, models: list, known: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """(the fastest layout exact for every model, why it is not `layout`, or None when it is `layout`);
+    `known`: {layout: why it is not exact} for the inputs (vision.Collates.not_exact)."""
     if layout == "padded":
         return layout, None
-    reasons = {}
+    reasons = dict(known or {})
     for model in models:
         for name, reason in survey(model).items():
             reasons.setdefault(name, reason)
@@ -139,33 +142,36 @@ def compute_dtype(model, mixed_precision: str = "no") -> torch.dtype:
 
 
 @torch.no_grad()
-def first_batch_difference(model, pairs: list[dict], layout: str, pad_token_id: int, device) -> tuple[float, str | None]:
+def first_batch_difference(model, pairs: list[dict], layout: str, pad_token_id: int, device,
+                           collates: dict = COLLATES) -> tuple[float, str | None]:
     """(max relative difference of the pairs' log-probs in `layout` from padded's, the error if `layout` fails)."""
-    move = lambda batch: {k: v.to(device) for k, v in batch.items()}
+    move = partial(send_to_device, device=device)  # a batch with images holds a mapping of their inputs
     with evaluating(model):
         try:
-            got = forward_sums(model, move(COLLATES[layout](pairs, pad_token_id)))["logps"]
+            got = forward_sums(model, move(collates[layout](pairs, pad_token_id)))["logps"]
         except Exception as e:  # noqa: BLE001 (whatever fails, padded is the way on)
             return float("inf"), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        expected = forward_sums(model, move(collate(pairs, pad_token_id)))["logps"]
+        expected = forward_sums(model, move(collates["padded"](pairs, pad_token_id)))["logps"]
     return float(((got - expected).abs() / expected.abs().clamp(min=1.0)).max()), None
 
 
 def decide(accelerator, layout: str, models: list, train_set, batch_size: int, pad_token_id: int, check: bool,
-           log) -> str:
+           log, collates: dict = COLLATES) -> str:
     """The layout the run uses: `choose`, then (with `check`) the first-batch check on the policy
     (models[0]), the same answer on every process. Each change is said in one line. A compiled policy
-    runs both eagerly (compiling them would cost more than they do)."""
+    runs both eagerly (compiling them would cost more than they do). `collates`: data.COLLATES, or with
+    images vision.Collates (its `not_exact` known before any survey)."""
     with torch.compiler.set_stance("force_eager"):
         for model in models:
             check_head(model)  # the trainer says it when the policy keeps its head
-        chosen, reason = choose(layout, models)
+        chosen, reason = choose(layout, models, getattr(collates, "not_exact", None))
         if reason:
             log(f"train.layout {layout}: {reason}; using the {chosen} layout (the same numbers)")
         if not check or chosen == "padded":
             return chosen
         pairs = [train_set[i] for i in range(min(len(train_set), batch_size))]
-        difference, error = first_batch_difference(models[0], pairs, chosen, pad_token_id, accelerator.device)
+        difference, error = first_batch_difference(models[0], pairs, chosen, pad_token_id, accelerator.device,
+                                                   collates)
     tolerance = TOLERANCE.get(compute_dtype(models[0], str(accelerator.mixed_precision)), 2e-2)
     if not engines.on_any_process(accelerator, error is not None or difference > tolerance):
         return chosen

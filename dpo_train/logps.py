@@ -202,11 +202,11 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=batch["input_ids"].device)
     outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                                             attention_mask=placeholder, logits_to_keep=batch["logits_to_keep"],
-                                            **{attention.SPANS_KWARG: spans})  # (1, K, H), or (1, K, V) and no head
+                                            **batch.get("image_inputs", {}), **{attention.SPANS_KWARG: spans})
     if not spans.used:
         raise RuntimeError(f"padding-free layout: {type(base).__name__} does not route its attention through "
                            "transformers' AttentionInterface; use train.layout: padded")
-    return completion_sums(outputs[0], batch, head, chunk_size, extras)
+    return completion_sums(outputs[0], batch, head, chunk_size, extras)  # outputs (1, K, H), or (1, K, V) and no head
 
 
 def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
@@ -216,7 +216,7 @@ def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
     base = unwrapped(model)
     attention.enable(base.config)
     rows = attention.RowMasks(batch["position_ids"])  # each layer's sliding window cuts the mask
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "logits_to_keep")}
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "logits_to_keep")} | batch.get("image_inputs", {})
     inputs["attention_mask"] = additive_mask(batch["attention_mask"], next(model.parameters()).dtype)
     outputs, head = hidden_states_or_logits(model, **inputs, **{attention.SPANS_KWARG: rows})  # (B, K', H) or (B, K', V)
     if not rows.used:
@@ -228,7 +228,8 @@ def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
 def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
                  extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """Completion sums (owner_sums) of the 2B right-padded rows of data.collate."""
-    outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                            **batch.get("image_inputs", {}))
     return owner_sums(*labelled_positions(outputs, batch["labels"]), outputs.shape[0], head, chunk_size, batch, extras)
 
 

@@ -13,13 +13,15 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer,
-                          PreTrainedModel, PreTrainedTokenizerBase)
+from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig,
+                          AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,8 +109,10 @@ def load_tokenizer(name_or_path: str, init_kwargs: dict | None = None) -> PreTra
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: str, init_kwargs: dict | None = None) -> PreTrainedModel:
-    """The causal LM, dropout off; `init_kwargs` go to from_pretrained (revision and trust_remote_code to its config too)."""
+def load_model(name_or_path: str, dtype: str, init_kwargs: dict | None = None, images: bool = False) -> PreTrainedModel:
+    """The causal LM, dropout off; `init_kwargs` go to from_pretrained (revision and trust_remote_code to its config too).
+    A vision-language model loads as AutoModelForImageTextToText does when AutoModelForCausalLM does not load it, or
+    for data with `images` (some families' causal LM class is their text model alone)."""
     init_kwargs = init_kwargs or {}
     source = hf_dir(name_or_path)
     if (Path(source) / "adapter_config.json").is_file():  # a LoRA result (final/ of a LoRA run)
@@ -118,12 +122,15 @@ def load_model(name_or_path: str, dtype: str, init_kwargs: dict | None = None) -
     try:
         model_config = AutoConfig.from_pretrained(source, **{k: v for k, v in init_kwargs.items()
                                                              if k in TOKENIZER_KWARGS})
+        vision = type(model_config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
         # Checked up front: from_pretrained's own error lists every causal LM transformers knows.
-        if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        if type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not vision:
             kind = ", ".join(model_config.architectures or []) or model_config.model_type
-            raise ModelError(f"{name_or_path}: not a causal language model ({kind}); DPO needs a "
-                             "decoder-only model that AutoModelForCausalLM loads")
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **init_kwargs)
+            raise ModelError(f"{name_or_path}: not a causal language model ({kind}); DPO needs a decoder-only "
+                             "model that AutoModelForCausalLM (or AutoModelForImageTextToText) loads")
+        auto = AutoModelForImageTextToText if vision and (images or type(model_config) not in MODEL_FOR_CAUSAL_LM_MAPPING) \
+            else AutoModelForCausalLM
+        model = auto.from_pretrained(source, dtype=DTYPES[dtype], **init_kwargs)
     except (OSError, ValueError, TypeError, ImportError) as e:  # model.init_kwargs: a key it does not take, a missing kernel
         raise ModelError(f"{name_or_path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     disable_dropout(model)
@@ -165,39 +172,63 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_policy_and_reference(name_or_path: str, ref_name_or_path: str | None, dtype: str,
-                              need_reference: bool = True, lora: dict | None = None, init_kwargs: dict | None = None):
+                              need_reference: bool = True, lora: dict | None = None, init_kwargs: dict | None = None,
+                              images: bool = False, freeze_vision: bool = False):
     """Return (policy, reference); the reference is None when the loss needs none.
 
     With `lora` (peft LoraConfig arguments) the policy is the model with a trainable adapter and
     everything else frozen, and the reference is the same model with the adapter switched off.
-    `init_kwargs` (model.init_kwargs) go to every from_pretrained.
+    `init_kwargs` (model.init_kwargs) go to every from_pretrained; `images`: the data has images (load_model).
+    With `freeze_vision` what lies outside the language model (a vision tower, its projector) is frozen,
+    and LoRA puts no adapter there.
     """
-    policy = load_model(name_or_path, dtype, init_kwargs)
+    policy = load_model(name_or_path, dtype, init_kwargs, images)
     policy.train()
+    outside = outside_language_model(policy) if freeze_vision else []
+    for name in outside:
+        policy.get_submodule(name).requires_grad_(False)
     if lora and "quantization_config" in (init_kwargs or {}):  # QLoRA: norms in fp32, inputs that carry gradients
         from peft import prepare_model_for_kbit_training
         policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
     if lora:
-        policy = add_lora(policy, **lora)
+        policy = add_lora(policy, **lora, exclude=outside)
         return policy, (AdapterDisabled(policy) if need_reference else None)
     if not need_reference:
         return policy, None
     if ref_name_or_path in (None, name_or_path) and not is_deepspeed_zero3_enabled():
         reference = copy.deepcopy(policy)  # same checkpoint: copy instead of loading twice
     else:  # also under ZeRO-3's partitioned loading, whose parameters cannot be deep-copied
-        reference = load_model(ref_name_or_path or name_or_path, dtype, init_kwargs)
+        reference = load_model(ref_name_or_path or name_or_path, dtype, init_kwargs, images)
     return policy, freeze(reference)
 
 
-def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, target_modules: list[str]):
+def outside_language_model(model: torch.nn.Module) -> list[str]:
+    """Names of the largest submodules holding parameters and none of the language model's or its head's: a
+    vision tower and its projector (model.freeze_vision freezes them); none for a text model."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    language = {id(p) for module in (decoder, head) if module is not None for p in module.parameters()}
+    names = []
+    for name, module in model.named_modules():
+        if name and not any(name.startswith(found + ".") for found in names):
+            held = list(module.parameters())
+            if held and not any(id(p) in language for p in held):
+                names.append(name)
+    return names
+
+
+def add_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, target_modules: list[str],
+             exclude: list[str] = ()):
     """Wrap `model` with a LoRA adapter (peft); only the adapter's weights train. lora_B starts
-    at zero, so at step 0 the policy equals the base model and the loss is ln 2."""
+    at zero, so at step 0 the policy equals the base model and the loss is ln 2. No module inside
+    those `exclude` names gets an adapter."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ModelError("model.lora needs the peft package: pip install peft") from None
     targets = "all-linear" if target_modules == ["all-linear"] else target_modules
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    outside = rf"({'|'.join(re.escape(name) for name in exclude)})\..*" if exclude else None  # a full match, peft's
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                        exclude_modules=outside)
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module name the model does not have

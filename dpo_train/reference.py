@@ -30,9 +30,10 @@ def weights_digest(reference: torch.nn.Module) -> str:
 
 
 def cache_key(weights: str, dataset, settings: str) -> str:
-    """Hash of the reference weights' digest, the tokenized pairs and the log-prob settings."""
+    """Hash of the reference weights' digest, the tokenized pairs (their images' bytes too) and the log-prob settings."""
     digest = hashlib.sha256((weights + settings).encode())
-    for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids", *(["image_digest"] if "image_digest" in dataset.column_names
+                                                                 else [])):
         digest.update(repr(dataset[column]).encode())
     return digest.hexdigest()[:20]
 

@@ -46,12 +46,28 @@ def value_problem(value) -> str | None:
             return "is an empty list of messages"
         for j, message in enumerate(value):
             if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
+                    and isinstance(message.get("content"), (str, list))):
                 return f"message {j} must be {{\"role\": string, \"content\": string}}, got {message!r:.60}"
-            if not message["content"].strip():
+            if isinstance(message["content"], list):  # a multimodal message: text and image parts (TRL's form)
+                if problem := parts_problem(message["content"]):
+                    return f"message {j} {problem}"
+            elif not message["content"].strip():
                 return f"message {j} has empty content"
         return None
     return f"must be a string or a list of {{role, content}} messages, got {type(value).__name__} {value!r:.40}"
+
+
+def parts_problem(parts: list) -> str | None:
+    """What is wrong with a message's content given as parts ({type: text, text} or {type: image}), or None."""
+    if not parts:
+        return "has an empty list of content parts"
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and not (isinstance(part.get("text"), str) and part["text"].strip()):
+            return f"part {k} is a text part without text"
+        if kind not in ("text", "image"):
+            return f"part {k} must be {{\"type\": \"text\", \"text\": string}} or {{\"type\": \"image\"}}, got {part!r:.60}"
+    return None
 
 
 def first_problem(rows: datasets.Dataset, key: str) -> tuple[int, str] | None:
@@ -127,7 +143,16 @@ def turns(value, role: str) -> list[dict]:
     that order, so that rows from any source share one schema."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
-    return [{"role": message["role"], "content": message["content"]} for message in value]
+    return [{"role": message["role"], "content": flat(message["content"])} for message in value]
+
+
+def flat(content):
+    """A message's content: its text, also when given as text parts; parts that hold an image stay parts
+    ({type, text}: images.py renders them)."""
+    if isinstance(content, str):
+        return content
+    parts = [{"type": part["type"], "text": part.get("text")} for part in content]
+    return parts if any(part["type"] != "text" for part in parts) else "".join(part["text"] for part in parts)
 
 
 def as_given(value: list[dict], text: bool):

@@ -34,11 +34,14 @@ def resolve(setting: str, tokenizer) -> str | None:
         raise DataError(f"data.chat_template: cannot read {setting} ({e.strerror})") from None
 
 
-def adopt(tokenizer, setting: str) -> None:
+def adopt(tokenizer, setting: str, processor=None) -> None:
     """Give the tokenizer the template `setting` names (a shipped one or a file), so that the
-    tokenizer saved in final/ renders chats as the model was trained; auto and none change nothing."""
+    tokenizer saved in final/ renders chats as the model was trained; auto and none change nothing.
+    A vision-language model's processor (which saves its own template) gets the same one."""
     if setting not in ("auto", "none"):
         tokenizer.chat_template = resolve(setting, tokenizer)
+    if processor is not None:
+        processor.chat_template = tokenizer.chat_template
 
 
 def describe(setting: str, template: str | None) -> str:

@@ -32,6 +32,8 @@ def encode(row: dict, tokenizer, max_length: int, max_prompt_length: int, templa
     `trl_tokenization` a templated pair is tokenized as TRL 1.16 does it (tokenize_like_trl). The pair's
     `rendered_apart` says whether the template renders its prompt differently once an answer follows."""
     pair = normalise(row.get("prompt"), row["chosen"], row["rejected"])
+    if imaged := next((k for k in FIELDS if any(isinstance(turn["content"], list) for turn in pair[k])), None):
+        raise DataError(f"field {imaged!r} holds an image part, and the row has no images (an 'images' column)")
     tools = json.loads(row["tools"]) if isinstance(row.get("tools"), str) else row.get("tools")
     apart = False
     if template is None:

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import engines, health, hub, layouts, reference as precomputed, router, templates, tracking
+from . import engines, health, hub, layouts, reference as precomputed, router, templates, tracking, vision
 from .card import model_card
 from .checkpoint import restore, resume_point, save_checkpoint, save_final
 from .config import Config
@@ -70,6 +70,7 @@ class Run:
     eval_set: object
     eval_rows: object
     tokenizer: object
+    vision: object  # vision.Vision (the processor) of a vision-language model, else None
     data_stats: dict
     metrics_log: MetricsLog
     total_steps: int
@@ -110,11 +111,13 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
         remove_leftovers(out, log)
     with accelerator.local_main_process_first():  # the first process of each machine fills the GGUF and datasets caches
         tokenizer = load_tokenizer(m.name_or_path, m.init_kwargs)
-        templates.adopt(tokenizer, d.chat_template)  # final/ keeps the template the data was rendered with
+        vlm = vision.load(m.name_or_path, tokenizer, m.init_kwargs)  # a vision-language model's processor, or None
+        templates.adopt(tokenizer, d.chat_template, vlm and vlm.processor)  # final/ keeps the template
         if m.ref_name_or_path:
             hf_dir(m.ref_name_or_path)
         # a mixture's rows per source go into the config (config.yaml, the resume check)
-        train_set, eval_set, eval_rows, data_stats = train_and_eval_sets(d, tokenizer, t.seed)
+        train_set, eval_set, eval_rows, data_stats = train_and_eval_sets(d, tokenizer, t.seed, vlm)
+    images = "images" in train_set.column_names
     pairs_fingerprint = fingerprint(train_set) if accelerator.is_main_process else None  # the data actually used
     start = resume_point(accelerator, out, resume, force_resume, config.to_dict(), pairs_fingerprint, log)
     if t.num_threads:
@@ -130,8 +133,8 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
     # The reference always comes from the original model, never from a checkpoint.
     lora = {k: v for k, v in vars(m.lora).items() if k != "save_merged"} if m.lora.r else None
     loss_fn = Objective(**vars(l))
-    policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, lora=lora,
-                                                  need_reference=loss_fn.needs_reference, init_kwargs=m.init_kwargs)
+    policy, reference = load_policy_and_reference(m.name_or_path, m.ref_name_or_path, m.dtype, loss_fn.needs_reference,
+                                                  lora, m.init_kwargs, images, m.freeze_vision)
     loss_fn.router_aux_coef = router.coefficient(l.router_aux_coef, policy)  # null: the model's own, as TRL
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy)
@@ -141,17 +144,19 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
     log(f"training {num_parameters(trainable):,} of {num_parameters(policy.parameters()):,} parameters")
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
     engines.configure_deepspeed(accelerator, t.per_device_batch_size, t.max_grad_norm, policy.config)
+    engines.look_for_unused_parameters(accelerator, images and not m.freeze_vision)  # a trained vision tower
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if reference is not None and not isinstance(reference, AdapterDisabled):  # that one lives inside the policy
         reference = engines.place_reference(accelerator, reference)
         held, total = engines.held_here(reference)
         log(f"the frozen reference: this process holds {held:,} of its {total:,} parameters")
     scorers = [accelerator.unwrap_model(policy)] + ([reference] if reference is not None else [])
+    collates = vlm.collates() if images else COLLATES  # with images: their pixel values in each batch
     layout = layouts.decide(accelerator, t.layout, scorers, train_set, t.per_device_batch_size, tokenizer.pad_token_id,
-                            t.layout_check, log)
+                            t.layout_check, log, collates)
     if reason := head_inside(policy):
         log(f"the LM head runs inside the model's forward: {reason}")
-    collate_fn = partial(COLLATES[layout], pad_token_id=tokenizer.pad_token_id)
+    collate_fn = partial(collates[layout], pad_token_id=tokenizer.pad_token_id)
     if m.precompute_reference and reference is not None:
         train_set, eval_set = precomputed.attach(accelerator, reference, [train_set, eval_set], collate_fn,
                                                  t.per_device_batch_size, cache_dir(), log)
@@ -168,7 +173,7 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
     accelerator.register_for_checkpointing(scheduler)
     tracking.start(accelerator, config)
     run = Run(config, accelerator, policy, reference, optimizer, scheduler, loss_fn, train_loader, eval_loader,
-              eval_set, eval_rows, tokenizer, data_stats, MetricsLog(out / "metrics.jsonl", accelerator), total_steps,
+              eval_set, eval_rows, tokenizer, vlm, data_stats, MetricsLog(out / "metrics.jsonl", accelerator), total_steps,
               {"step": 0, "epoch": 0, "batches_done": 0, "skipped": 0, "health": health.fresh()}, pairs_fingerprint)
     if start is not None:
         run.position = {key: value for key, value in restore(accelerator, start, run.metrics_log).items()
@@ -269,7 +274,7 @@ def finish(run: Run, stop: StopSignals) -> dict:
         stop.phase = "evaluation"
         results = final_evaluation(accelerator, run.policy, run.reference, run.eval_loader, run.loss_fn, run.tokenizer,
                                    run.eval_set, run.eval_rows, t.eval_max_new_tokens,
-                                   synced=engines.shards_weights(accelerator),
+                                   synced=engines.shards_weights(accelerator), vision=run.vision,
                                    stop=lambda: engines.on_any_process(accelerator, stop.received is not None))
         if results is None:  # a signal: the model is trained, so it is still saved
             notes.append(f"The final evaluation was skipped: {stop.received or 'a signal'} arrived before it ended.")
@@ -283,8 +288,9 @@ def finish(run: Run, stop: StopSignals) -> dict:
                 write_text(run.out / "eval_results.json", json.dumps(results, indent=2))
     stop.phase = "saving"
     card = model_card(run.config.to_dict(), run.position["step"], run.data_stats, results, notes)
-    save_final(accelerator, run.policy, run.tokenizer, run.out / "final", card, merged=m.lora.save_merged)
-    accelerator.print(f"Saved the trained policy and tokenizer to {run.out / 'final'}")
+    saved = run.vision.processor if run.vision else run.tokenizer  # a processor saves its tokenizer too
+    save_final(accelerator, run.policy, saved, run.out / "final", card, merged=m.lora.save_merged)
+    accelerator.print(f"Saved the trained policy and {'processor' if run.vision else 'tokenizer'} to {run.out / 'final'}")
     accelerator.end_training()
     if t.push_to_hub and accelerator.is_main_process:  # after the local save: a failed upload loses nothing
         stop.phase = "upload"

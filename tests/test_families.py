@@ -98,18 +98,6 @@ def test_a_logit_transform_no_config_field_names_is_measured(monkeypatch):
         assert relative_difference(layout_logps(falcon, pairs, "padded"), naive_logps(falcon, pairs)) < 1e-5
 
 
-def test_a_vision_language_model_without_a_causal_lm_class_is_refused_in_one_line(tmp_path):
-    """Qwen2.5-VL has no AutoModelForCausalLM class in transformers 5.24: refused before training."""
-    from transformers import Qwen2_5_VLConfig
-
-    from dpo_train.models import ModelError, load_model
-    config = Qwen2_5_VLConfig()
-    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    config.save_pretrained(tmp_path)
-    with pytest.raises(ModelError, match=r"not a causal language model \(Qwen2_5_VLForConditionalGeneration\)"):
-        load_model(str(tmp_path), "float32")
-
-
 def test_a_hybrid_model_trains_in_padded_and_says_why_in_one_line(tmp_path, tiny_data, capsys):
     """train.layout: packed on LFM2 (convolution layers): the run says once why it uses padded, and trains."""
     from dpo_train.trainer import train

@@ -68,7 +68,7 @@ def test_a_model_that_is_not_a_causal_lm_is_a_one_line_error(tmp_path):
     with pytest.raises(ModelError) as e:
         load_model(str(tmp_path), "float32")
     assert str(e.value) == (f"{tmp_path}: not a causal language model (T5ForConditionalGeneration); DPO needs a "
-                            "decoder-only model that AutoModelForCausalLM loads")
+                            "decoder-only model that AutoModelForCausalLM (or AutoModelForImageTextToText) loads")
     with pytest.raises(ModelError, match="cannot load a causal LM"):  # a directory with no model at all
         load_model(str(tmp_path / "empty"), "float32")
 
