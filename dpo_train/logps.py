@@ -21,8 +21,7 @@ CHUNK_SIZE = 1024  # positions per head + log-softmax chunk: (1024, V) fp32 is 2
 # a padded vocabulary): such a head cannot run on its own, so these models keep theirs inside the forward.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "logits_soft_cap",
                     "output_multiplier", "unpadded_vocab_size")
-# What an objective may ask for beyond the completions' log-prob sums (owner_sums, PairLogps); router_aux:
-# the policy's MoE load-balancing loss, a scalar (router.py)
+# What an objective may ask for beyond the log-prob sums; router_aux: the MoE router loss, a scalar (router.py)
 EXTRAS = frozenset({"shared_logps", "log_sum_sq", "router_aux"})
 
 
