@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from .config import describe
-from .exits import EXIT_CODES, LAUNCHED, RANK, exit_if_launched, fail, from_a_collective, user_errors
+from .exits import EXIT_CODES, KEPT_UNTIL_EXIT, LAUNCHED, RANK, exit_if_launched, fail, from_a_collective, user_errors
 
 # "\b" tells click to keep the following lines as they are instead of re-wrapping them.
 CONFIG_KEYS = "Config keys, with type, default and meaning (docs/configuration.md says the same):\n\n\b\n" + describe()
@@ -93,6 +93,8 @@ def train(
             typer.echo(f"\n[rank {RANK}] stopped: another process failed, so a collective did not complete "
                        f"({str(e).splitlines()[0][:160]})", err=True)
             raise typer.Exit(1)
+        finally:  # a launched process gets here only when it failed: exit_if_launched does not return
+            KEPT_UNTIL_EXIT.clear()
 
 
 @app.command()
@@ -221,12 +223,14 @@ def generate(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES) 
         cfg = load_config(config, overrides or [])
         from .generate import generate_pairs
         generate_pairs(cfg)
+        exit_if_launched()
     except user_errors() as e:
         fail(e)
     except KeyboardInterrupt:  # the pairs file is written aside and renamed: nothing half-written is left
         typer.echo("aborted by Ctrl-C; no pairs file written", err=True)
         raise typer.Exit(130)
-    exit_if_launched()
+    finally:  # a launched process gets here only when it failed: exit_if_launched does not return
+        KEPT_UNTIL_EXIT.clear()
 
 
 @app.command(epilog=CONFIG_KEYS)

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 
+from .exits import KEPT_UNTIL_EXIT
 from .progress import quiet_unless
 
 ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "ddp": "DDP", None: "one process"}
@@ -91,6 +92,8 @@ def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: i
                               cpu=cpu and engine not in ("deepspeed", "fsdp"),
                               kwargs_handlers=handlers, log_with=log_with, project_dir=project_dir)
     quiet_unless(accelerator.is_main_process)
+    if launched:
+        KEPT_UNTIL_EXIT.append(accelerator)  # exits.py says why
     if (running := running_engine(accelerator)) != engine:
         raise EngineError(f"the launch asked for {ENGINE_NAMES[engine]} but Accelerate set up "
                           f"{ENGINE_NAMES[running]}; check the accelerate config and the installed packages")
