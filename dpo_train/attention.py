@@ -1,5 +1,5 @@
 """Attention for the shared-prompt layouts: the pairs of a batch in one padding-free row (`packed`,
-data.collate_packed) or one left-padded row per pair (`rows`, data.collate_rows).
+collate.collate_packed) or one left-padded row per pair (`rows`, collate.collate_rows).
 
 In `packed` each pair is a span [prompt | chosen | rejected] of the row. Per span, the chosen answer
 attends causally over prompt + chosen, and the rejected answer over the prompt and itself: exactly

@@ -8,7 +8,8 @@ from itertools import groupby
 
 from . import vision
 from .config import Config, DataConfig
-from .data import IGNORE_INDEX, DataStats, build_dataset, collate, settings
+from .collate import IGNORE_INDEX, collate
+from .data import DataStats, build_dataset, settings
 from .models import load_tokenizer
 from .rows import FIELDS
 from .templates import describe as describe_template, resolve

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from . import layouts, vision
 from .progress import bar, say
 from .config import ConfigError, LossConfig, ModelConfig, checker, load_config
-from .data import COLLATES, build_dataset
+from .collate import COLLATES
+from .data import build_dataset
 from .logps import policy_and_reference_logps
 from .loss_settings import validate_loss
 from .objective import Objective

@@ -18,12 +18,6 @@ class HubError(RuntimeError):
     """The upload failed after the local save was complete, explained in one line."""
 
 
-def is_repo_id(text: str) -> bool:
-    """OWNER/NAME or NAME, as the hub allows them (letters, digits, '-', '_', '.')."""
-    return bool(re.fullmatch(r"(?:[\w.-]{1,96}/)?[\w.-]{1,96}", text)) and ".." not in text and \
-        not text.startswith(("-", ".")) and not text.endswith(".")
-
-
 def push(folder: Path, repo_id: str, private: bool = False) -> str:
     """Create `repo_id` (a model repo; an existing one is reused, its visibility unchanged) and
     upload `folder` to it in one commit. Returns the commit's URL. Any failure (offline, no token,

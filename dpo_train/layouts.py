@@ -25,7 +25,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from . import attention, engines
-from .data import COLLATES
+from .collate import COLLATES
 from .logps import HEAD_INSIDE, forward_sums, hidden_states_or_logits, separable_head, unwrapped
 
 ORDER = ("packed", "rows", "padded")  # fastest first; padded is exact for every causal model
@@ -159,7 +159,7 @@ def decide(accelerator, layout: str, models: list, train_set, batch_size: int, p
            log, collates: dict = COLLATES) -> str:
     """The layout the run uses: `choose`, then (with `check`) the first-batch check on the policy
     (models[0]), the same answer on every process. Each change is said in one line. A compiled policy
-    runs both eagerly (compiling them would cost more than they do). `collates`: data.COLLATES, or with
+    runs both eagerly (compiling them would cost more than they do). `collates`: collate.COLLATES, or with
     images vision.Collates (its `not_exact` known before any survey)."""
     with torch.compiler.set_stance("force_eager"):
         for model in models:

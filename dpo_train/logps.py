@@ -191,7 +191,7 @@ def completion_sums(outputs: torch.Tensor, batch: dict[str, torch.Tensor], head:
 
 def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
                  extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
-    """Completion sums (completion_sums) of the padding-free row of data.collate_packed.
+    """Completion sums (completion_sums) of the padding-free row of collate.collate_packed.
     The model's attention is routed through attention.pair_attention (once, in place); the forward
     stops at the K completion-predicting positions."""
     base = unwrapped(model)
@@ -210,7 +210,7 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
 
 def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
                extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
-    """Completion sums (completion_sums) of shared-prompt rows (data.collate_rows).
+    """Completion sums (completion_sums) of shared-prompt rows (collate.collate_rows).
     The model's forward stops at the rows' last K' positions, where the completions are."""
     base = unwrapped(model)
     attention.enable(base.config)
@@ -226,7 +226,7 @@ def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_siz
 
 def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
                  extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
-    """Completion sums (owner_sums) of the 2B right-padded rows of data.collate."""
+    """Completion sums (owner_sums) of the 2B right-padded rows of collate.collate."""
     outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                             **batch.get("image_inputs", {}))
     return owner_sums(*labelled_positions(outputs, batch["labels"]), outputs.shape[0], head, chunk_size, batch, extras)
@@ -234,8 +234,8 @@ def padded_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
 
 def forward_sums(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
                  extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
-    """One forward over a collated batch: the padding-free row of data.collate_packed, the
-    shared-prompt rows of data.collate_rows, or the 2B padded rows of data.collate. All give the
+    """One forward over a collated batch: the padding-free row of collate.collate_packed, the
+    shared-prompt rows of collate.collate_rows, or the 2B padded rows of collate.collate. All give the
     same numbers: {"logps": (2B,) completion log-prob sums, chosen first, then rejected} and the
     `extras` an objective asked for (EXTRAS), each (2B,); "router_aux" a scalar ()."""
     forward = packed_logps if "pair_spans" in batch else rows_logps if "predict_index" in batch else padded_logps

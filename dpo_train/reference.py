@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .data import REFERENCE_COLUMNS
+from .collate import REFERENCE_COLUMNS
 from .engines import whole_tensors
 from .logps import concatenated_forward
 from .progress import bar

@@ -24,7 +24,8 @@ from . import engines, health, hub, layouts, reference as precomputed, router, t
 from .card import model_card
 from .checkpoint import restore, resume_point, save_checkpoint, save_final
 from .config import Config
-from .data import COLLATES, fingerprint, train_and_eval_sets
+from .collate import COLLATES
+from .data import fingerprint, train_and_eval_sets
 from .evaluate import final_evaluation, midrun_evaluation
 from .extras import require_packages
 from .health import all_finite, nonfinite_error, watch

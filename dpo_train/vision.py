@@ -20,7 +20,7 @@ import functools
 import torch
 from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig, AutoProcessor
 
-from .data import COLLATES
+from .collate import COLLATES
 from .images import opened
 from .models import TOKENIZER_KWARGS, ModelError, hf_dir
 
@@ -111,7 +111,7 @@ class Vision:
         return batch
 
     def collates(self) -> Collates:
-        """{layout: collate function} as data.COLLATES, with images; `not_exact` says which layout is not exact."""
+        """{layout: collate function} as collate.COLLATES, with images; `not_exact` says which layout is not exact."""
         return Collates({layout: functools.partial(self.collate, layout) for layout in COLLATES}, self.not_exact)
 
     def generation_inputs(self, images: list[list], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:

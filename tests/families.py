@@ -111,7 +111,7 @@ def naive_logps(model, pairs: list[dict]) -> torch.Tensor:
 
 def layout_logps(model, pairs: list[dict], layout: str, pad_token_id: int = 1) -> torch.Tensor:
     """(2B,) chosen then rejected, scored in `layout` (the layout forced, whatever the decision would pick)."""
-    from dpo_train.data import COLLATES
+    from dpo_train.collate import COLLATES
     from dpo_train.logps import forward_sums
     device = next(model.parameters()).device
     return forward_sums(model, {k: v.to(device) for k, v in COLLATES[layout](pairs, pad_token_id).items()})["logps"]

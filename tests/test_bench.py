@@ -63,7 +63,8 @@ def test_a_packed_policy_step_counts_the_flops_worked_by_hand():
     every linear layer costs 2 x weights FLOPs per token forward and twice that backward (input
     and weight gradients), the head 2 x V x 32 per scored position; attention per block as above."""
     from conftest import make_model, make_tokenizer
-    from dpo_train.data import collate_packed, tokenize_pair
+    from dpo_train.collate import collate_packed
+    from dpo_train.data import tokenize_pair
     from dpo_train.logps import concatenated_forward
     tokenizer = make_tokenizer()
     model = make_model(len(tokenizer))

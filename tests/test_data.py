@@ -1,7 +1,8 @@
 import pytest
 
 from conftest import make_tokenizer, write_jsonl
-from dpo_train.data import IGNORE_INDEX, DataError, build_dataset, collate, tokenize_pair
+from dpo_train.collate import IGNORE_INDEX, collate
+from dpo_train.data import DataError, build_dataset, tokenize_pair
 
 ROW = {"prompt": "1+2=", "chosen": "3", "rejected": "four"}
 

@@ -8,7 +8,8 @@ from torch.nn.attention.flex_attention import create_mask
 
 from conftest import make_model, make_tokenizer
 from dpo_train import attention, flex
-from dpo_train.data import collate, collate_packed, tokenize_pair
+from dpo_train.collate import collate, collate_packed
+from dpo_train.data import tokenize_pair
 from dpo_train.logps import concatenated_forward
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from dpo_train.data import COLLATES, collate, tokenize_pair
+from dpo_train.collate import COLLATES, collate
+from dpo_train.data import tokenize_pair
 from dpo_train.logps import EXTRAS, concatenated_forward, forward_sums, policy_and_reference_logps, sequence_logps
 
 TOKEN_EXTRAS = EXTRAS - {"router_aux"}  # the per-token ones; an MoE model's router loss: tests/test_router.py

@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_model, make_tokenizer
 from dpo_train import attention
-from dpo_train.data import COLLATES, collate, collate_packed, collate_rows, tokenize_pair
+from dpo_train.collate import COLLATES, collate, collate_packed, collate_rows
+from dpo_train.data import tokenize_pair
 from dpo_train.logps import concatenated_forward, separable_head, token_logps
 from dpo_train.losses import dpo_loss
 from dpo_train.models import enable_activation_checkpointing
@@ -111,7 +112,7 @@ def test_chunked_token_logps_match_a_full_log_softmax_with_gradients():
 
 
 def full_head_logps(model, batch):
-    """The model's own head over every position of data.collate's padded rows, one full fp32
+    """The model's own head over every position of collate.collate's padded rows, one full fp32
     log-softmax, labelled tokens summed: the (2B, T, V) way. Returns (chosen, rejected), each (B,)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     targets = batch["labels"][:, 1:]  # position t predicts token t+1

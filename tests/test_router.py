@@ -10,7 +10,7 @@ from conftest import make_tokenizer
 from families import make_family_model, tokenized_pairs
 from dpo_train import router
 from dpo_train.config import ConfigError
-from dpo_train.data import COLLATES
+from dpo_train.collate import COLLATES
 from dpo_train.logps import forward_sums
 from dpo_train.models import enable_activation_checkpointing
 
@@ -27,7 +27,7 @@ def aux_and_router_grads(model, layout):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_the_router_loss_is_the_models_own_over_the_padded_batch_in_every_layout(family):
-    """The model's aux_loss over data.collate's 2B rows and their attention mask is what TRL adds; each
+    """The model's aux_loss over collate.collate's 2B rows and their attention mask is what TRL adds; each
     layout weighs a prompt's tokens twice (both its rows hold them) and gives the same value and gradients."""
     model = make_family_model(family, len(TOKENIZER))
     padded = COLLATES["padded"](tokenized_pairs(TOKENIZER), 1)

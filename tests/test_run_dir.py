@@ -4,7 +4,6 @@ process); an output_dir that is a file, under a file or read-only; two runs in o
 
 import json
 import math
-import os
 import resource
 import shutil
 import signal

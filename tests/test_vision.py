@@ -2,7 +2,6 @@
 every layout exact against a naive per-sequence forward, each image through the vision tower once per pair in
 the packed layout, a run from Parquet image bytes with the processor in final/, and bad images as one line."""
 
-import io
 import json
 import math
 
@@ -18,7 +17,7 @@ from dpo_train.rows import DataError
 from dpo_train.vision import Vision
 from families import relative_difference
 from test_trainer import read_metrics
-from vlms import USED, VLMS, image, image_rows, naive_logps, save
+from vlms import USED, VLMS, image_rows, naive_logps, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
