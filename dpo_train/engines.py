@@ -248,7 +248,7 @@ def place_reference(accelerator, reference: torch.nn.Module) -> torch.nn.Module:
     if accelerator.distributed_type == DistributedType.FSDP:
         from torch.distributed.fsdp import fully_shard
 
-        layer_classes = set(getattr(reference, "_no_split_modules", None) or [])
+        layer_classes = set(blocks(reference))
         for layer in [m for m in reference.modules() if type(m).__name__ in layer_classes]:
             fully_shard(layer.to(accelerator.device))  # block by block: one block is whole at a time
         fully_shard(reference.to(accelerator.device))
@@ -256,12 +256,26 @@ def place_reference(accelerator, reference: torch.nn.Module) -> torch.nn.Module:
     return reference.to(accelerator.device)
 
 
-def look_for_unused_parameters(accelerator, needed: bool) -> None:
-    """Where `needed`, have DDP look for parameters without gradients (as TRL does for a vision-language model):
-    a trained vision tower holds some its model never reads (LLaVA reads CLIP's hidden states, not its
-    post-layernorm's output, nor, at vision_feature_layer -2, its last layer). Only before `prepare`; FSDP2
-    and DeepSpeed need none of it. DDP then keeps the LM head inside the forward (logps.head_inside)."""
+def blocks(model: torch.nn.Module) -> list[str]:
+    """The model's blocks that FSDP shards one by one: the classes of its `_no_split_modules` that it holds.
+    A vision-language model lists those of its parts' whole models (LLaVA: CLIPTextEmbeddings, for a CLIP
+    that has only its vision half), which Accelerate's wrap policy would refuse as not found."""
+    present = {type(m).__name__ for m in model.modules()}
+    return [name for name in getattr(model, "_no_split_modules", None) or [] if name in present]
+
+
+def plan_wrapping(accelerator, policy: torch.nn.Module, trained_tower: bool) -> None:
+    """How the engine will wrap the policy; only before `prepare`.
+
+    FSDP: block by block over the blocks the policy holds, unless the accelerate config names them
+    (fsdp_transformer_layer_cls_to_wrap). DDP with a trained vision tower: look for parameters without
+    gradients, as TRL does for a vision-language model (the tower holds some its model never reads: LLaVA
+    reads CLIP's hidden states, not its post-layernorm's output, nor, at vision_feature_layer -2, its last
+    layer); DDP then keeps the LM head inside the forward (logps.head_inside)."""
     from accelerate.utils import DistributedDataParallelKwargs
 
-    if needed:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap is None:
+            accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = blocks(policy)
+    elif trained_tower:
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)

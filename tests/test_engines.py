@@ -98,9 +98,10 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data):
                              "engine": staticmethod(engine)})
 
 
-def assert_same_run(one: Path, two: Path, atol: float = 1e-5) -> None:
-    """Final weights to `atol` (0: bitwise), and the same metrics records (reduced over processes, written once)."""
-    expected, got = final_weights(one), final_weights(two)
+def assert_same_run(one: Path, two: Path, atol: float = 1e-5, weights=final_weights) -> None:
+    """Final weights to `atol` (0: bitwise), and the same metrics records (reduced over processes, written once).
+    `weights`: a run folder -> its final weights by name."""
+    expected, got = weights(one), weights(two)
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.allclose(expected[key], got[key], rtol=0, atol=atol), (key, (expected[key] - got[key]).abs().max())
