@@ -95,3 +95,36 @@ def test_tokens_per_batch_sets_the_pairs_per_step_for_each_shape(tiny_model_dir)
         batch, tokens = bench.batch_size(args, shape)
         assert abs(batch * tokens - 2000) <= tokens / 2  # the nearest whole number of pairs
     assert bench.batch_size(bench.argparse.Namespace(**{**vars(args), "tokens_per_batch": 0}), "prompt-heavy")[0] == 4
+
+
+def test_bench_vision_pairs_are_image_heavy_and_alike(tmp_path):
+    """scripts/bench_vision.py: every pair has the same tokens, and its two images (196 image tokens each) are
+    most of them."""
+    import bench_vision
+    bench_vision.build_model(tmp_path / "model", width=64, layers=1)
+    (tmp_path / "data").mkdir()
+    rows = bench_vision.make_pairs(tmp_path / "data", 3, images=2)
+    data = tmp_path / "data" / "pairs.jsonl"
+    data.write_text("".join(bench.json.dumps(r) + "\n" for r in rows))
+    from transformers import AutoProcessor
+    from dpo_train.data import build_dataset
+    from dpo_train.vision import Vision
+    processor = AutoProcessor.from_pretrained(tmp_path / "model")
+    pairs, _, _ = build_dataset(str(data), "train", processor.tokenizer, 2048, 2047, vision=Vision(processor))
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert [p["prompt_ids"].count(image_id) for p in pairs] == [2 * 196] * 3
+    sizes = {len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs}
+    assert sizes == {bench_vision.pair_tokens(tmp_path / "model", data)} and 2 * 196 > 0.7 * sizes.pop()
+
+
+@pytest.mark.slow  # trains a small VLM twice in fresh processes (ours, TRL): about 30 s
+def test_bench_vision_runs_both_trainers_side_by_side(tmp_path):
+    import json
+    import subprocess
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_vision.py"
+    out = subprocess.run([sys.executable, str(script), "--batch", "2", "--steps", "1", "--width", "64", "--layers", "1",
+                          "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["trainer"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {"ours-packed", "trl"} and all(r["tokens/s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
+    assert "tok/s vs TRL" in out.stdout
