@@ -72,9 +72,14 @@ class Vision:
         self.image_ids = torch.tensor(sorted({i for i, kind in zip(typed["input_ids"][0], types) if kind}))
         self.type_key = next((key for key in TYPE_KEYS if key in given), None)  # marks the model reads, if any
         self.image_keys = [key for key in given if key not in TEXT_KEYS]
-        # the pair attention does not implement what the marks change (a bidirectional block, positions)
+        # the pair attention does not implement what the marks change (a bidirectional block, positions); the
+        # positions a model makes from mm_token_type_ids (Qwen-VL's M-RoPE, from the image grid) are 3-axis, and
+        # the rows layout's position ids (one axis, the rejected answer restarting at the prompt's end) are not
         self.not_exact = {"packed": f"its processor marks image tokens ({self.type_key}) for the model's own masks "
                                     "or positions, which the pair attention does not implement"} if self.type_key else {}
+        if self.type_key == "mm_token_type_ids":
+            self.not_exact["rows"] = ("the model makes its positions (3 axes, M-RoPE) from the image grid, and the rows "
+                                      "layout gives it one-axis position ids")
 
     def prompt_ids(self, text: str, images: list) -> list[int]:
         """A rendered prompt's token ids, each image placeholder expanded into its image's tokens."""

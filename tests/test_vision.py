@@ -18,14 +18,14 @@ from dpo_train.rows import DataError
 from dpo_train.vision import Vision
 from families import relative_difference
 from test_trainer import read_metrics
-from vlms import USED, VLMS, image_rows, naive_logps, save
+from vlms import INEXACT, TORCHVISION, USED, VLMS, WITH_TORCHVISION, image_rows, naive_logps, save
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def prepared(family: str, folder, n: int = 4):
     """(model, processor, vision, rows, tokenized pairs) for n image rows saved as files in `folder`."""
-    model, processor = VLMS[family]()
+    model, processor = {**VLMS, **WITH_TORCHVISION}[family]()
     processor.tokenizer.chat_template = processor.chat_template  # as vision.load gives it the multimodal one
     vision = Vision(processor)
     rows = image_rows(n, folder)
@@ -34,18 +34,28 @@ def prepared(family: str, folder, n: int = 4):
     return model.eval(), processor, vision, rows, [pairs[i] for i in range(len(pairs))]
 
 
-@pytest.mark.parametrize("family", VLMS)
+FAMILIES = [*VLMS, *(pytest.param(family, marks=pytest.mark.skipif(
+    not TORCHVISION, reason="its processor needs torchvision, which cannot be installed beside this CPU torch build"))
+    for family in WITH_TORCHVISION)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_step0_logps_equal_a_naive_forward_in_every_layout(tmp_path, family):
-    """Each layout scores image pairs as the model scores each sequence alone with the processor's own inputs
-    (1 or 2 images per prompt, prompts given with and without placeholders), to 1e-5; and `packed` asked for,
-    the run uses the layout vlms.USED says (Gemma 3's image tokens attend both ways: rows)."""
+    """Each layout the run may use scores image pairs as the model scores each sequence alone with the
+    processor's own inputs (1 or 2 images per prompt, prompts given with and without placeholders), to 1e-5; and
+    `packed` asked for, the run uses the layout vlms.USED says (Gemma 3's image tokens attend both ways: rows;
+    Qwen2-VL makes 3-axis positions from the image grid: padded). Gemma 3's packed is exact on these pairs too
+    (docs/vision.md says why that proves little); Qwen2-VL's packed and rows are not (0.11 apart)."""
     model, processor, vision, rows, pairs = prepared(family, tmp_path)
     naive = naive_logps(model, processor, rows, pairs, tmp_path)
+    collates = vision.collates()
     with torch.no_grad():
-        for layout, collate in vision.collates().items():
+        for layout, collate in collates.items():
             got = forward_sums(model, collate(pairs, processor.tokenizer.pad_token_id))["logps"]
-            assert relative_difference(got, naive) < 1e-5, (family, layout, relative_difference(got, naive))
-    assert choose("packed", [model], vision.collates().not_exact)[0] == USED[family]
+            difference = relative_difference(got, naive)
+            assert difference > 1e-2 if layout in INEXACT.get(family, ()) else difference < 1e-5, (family, layout, difference)
+    assert set(INEXACT.get(family, ())) <= set(collates.not_exact)  # never used
+    assert choose("packed", [model], collates.not_exact)[0] == USED[family]
 
 
 def test_packed_encodes_each_image_once_per_pair(tmp_path):
@@ -116,6 +126,37 @@ train: {{output_dir: {tmp_path / 'run'}, per_device_batch_size: 3, learning_rate
     processor = AutoProcessor.from_pretrained(final)
     assert processor.image_processor is not None and processor.chat_template
     AutoModelForImageTextToText.from_pretrained(final)
+
+
+@pytest.mark.skipif(not TORCHVISION, reason="Qwen2-VL's processor needs torchvision, which cannot be installed "
+                                           "beside this CPU torch build")
+def test_qwen2vl_trains_padded_and_says_why(tmp_path, capsys):
+    """Qwen2-VL, `packed` asked for: the run says in one line that it scores padded and why (its positions come
+    from the image grid), step 0 is ln 2, the loss falls, generation with images runs, final/ loads back."""
+    from transformers import AutoModelForImageTextToText
+
+    from dpo_train.config import load_config
+    from dpo_train.trainer import train
+    model, processor = WITH_TORCHVISION["qwen2vl"]()
+    model.save_pretrained(tmp_path / "qwen2vl")
+    processor.save_pretrained(tmp_path / "qwen2vl")
+    rows = image_rows(6, tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+model: {{name_or_path: {tmp_path / 'qwen2vl'}}}
+data: {{train: {tmp_path / 'train.jsonl'}, eval: {tmp_path / 'eval.jsonl'}, max_length: 128, max_prompt_length: 96}}
+train: {{output_dir: {tmp_path / 'run'}, per_device_batch_size: 2, learning_rate: 1e-3, max_steps: 3,
+         eval_max_new_tokens: 2, seed: 0}}
+""")
+    results = train(load_config(config))
+    out = capsys.readouterr().out
+    assert "mm_token_type_ids" in out and "using the padded layout" in out, out[-2000:]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0]
+    assert "exact_answer_accuracy" in results["policy"]
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "final")
 
 
 BAD = {

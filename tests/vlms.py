@@ -9,6 +9,7 @@ A family is added here, as one entry of VLMS, never as a branch in dpo_train.
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import string
 from pathlib import Path
@@ -70,6 +71,29 @@ def gemma3(seed: int = 0):
     return build(config, seed), processor
 
 
+def qwen2vl(seed: int = 0):
+    """(model, processor): Qwen2VLForConditionalGeneration, its patch-merging tower, M-RoPE positions (3 axes, made
+    by the model from the image grid: mm_token_type_ids mark the image tokens), 4 tokens per image. Its processor
+    needs torchvision (its video processor), so only where torchvision is installed."""
+    image_tokens = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+    tok = tokenizer(image_tokens, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                   "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+    size = {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}  # every image resized to 56 x 56: 4 merged patches
+    processor = T.Qwen2VLProcessor(image_processor=T.Qwen2VLImageProcessor(size=size),
+                                   video_processor=T.Qwen2VLVideoProcessor(size=size), tokenizer=tok,
+                                   chat_template=template("<|vision_start|><|image_pad|><|vision_end|>"))
+    text = make_config("qwen2", len(tok)).to_dict()
+    text.update(model_type="qwen2_vl_text", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": [2, 3, 3]})  # head_dim 16: 8 pairs
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in
+           [("vision_start_token_id", "<|vision_start|>"), ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>")]}
+    config = T.Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"],
+                                                                  num_heads=2, mlp_ratio=2, initializer_range=0.2),
+                             initializer_range=0.2, **ids)
+    return build(config, seed), processor
+
+
 def build(config, seed: int) -> torch.nn.Module:
     from dpo_train.models import disable_dropout
     torch.manual_seed(seed)
@@ -79,7 +103,10 @@ def build(config, seed: int) -> torch.nn.Module:
 
 
 VLMS = {"llava": llava, "gemma3": gemma3}  # family -> builder; docs/vision.md's table follows it
-USED = {"llava": "packed", "gemma3": "rows"}  # the layout a run asking for packed gets with images
+WITH_TORCHVISION = {"qwen2vl": qwen2vl}  # built only where torchvision is installed (not beside the CPU torch here)
+TORCHVISION = importlib.util.find_spec("torchvision") is not None
+USED = {"llava": "packed", "gemma3": "rows", "qwen2vl": "padded"}  # the layout a run asking for packed gets with images
+INEXACT = {"qwen2vl": ("packed", "rows")}  # the layouts that score a family's image pairs wrong (so never used)
 
 
 def save(family: str, path: Path) -> Path:
@@ -136,7 +163,7 @@ def naive_logps(model, processor, rows: list[dict], pairs: list[dict], folder: P
             inputs = processor(text=[text], images=[pictures], add_special_tokens=False, return_tensors="pt")
             ids = pair["prompt_ids"] + pair[f"{side}_ids"]
             assert inputs["input_ids"][0, :len(ids)].tolist() == ids  # the processor's own tokens, end-of-turn newline aside
-            inputs = {k: v[:, :len(ids)] if k in ("input_ids", "attention_mask", "token_type_ids") else v
+            inputs = {k: v[:, :len(ids)] if k in ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids") else v
                       for k, v in inputs.items()}
             logps = torch.log_softmax(model(**inputs).logits[0, :-1].float(), -1)
             first = len(pair["prompt_ids"]) - 1
