@@ -3,6 +3,7 @@ and log-softmax, and gradient checkpointing give the padded path's log-probs, lo
 to 1e-5 in fp32."""
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,13 @@ def test_chunked_head_under_ddp(tmp_path, ddp_options):
             chunked = loss_and_grads(ddp, collate_packed(tokenized, tokenizer.pad_token_id))
             assert all(torch.allclose(g, chunked[3]["module." + n], atol=1e-5) for n, g in expected[3].items())
     finally:
+        # DDP is freed when this returns, and its reducer frees the gloo process group in a destructor that
+        # holds the GIL while it joins gloo's worker thread; a worker still freeing a finished collective's
+        # tensors waits for the GIL, and both wait for ever (seen once in a fresh-venv CI rehearsal; exits.py
+        # keeps a launched run's models until exit for this). A last collective, then time with the GIL free:
+        # the worker is idle when the reducer goes.
+        dist.barrier()
+        time.sleep(0.5)
         dist.destroy_process_group()
 
 
