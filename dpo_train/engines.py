@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 
-from .exits import KEPT_UNTIL_EXIT
+from .exits import KEPT_UNTIL_EXIT, LAUNCHED
 from .progress import quiet_unless
 
 ENGINE_NAMES = {"deepspeed": "DeepSpeed", "fsdp": "FSDP", "ddp": "DDP", None: "one process"}
@@ -92,8 +92,6 @@ def build_accelerator(grad_accum_steps: int, log_with, project_dir, timeout_s: i
                               cpu=cpu and engine not in ("deepspeed", "fsdp"),
                               kwargs_handlers=handlers, log_with=log_with, project_dir=project_dir)
     quiet_unless(accelerator.is_main_process)
-    if launched:
-        KEPT_UNTIL_EXIT.append(accelerator)  # exits.py says why
     if (running := running_engine(accelerator)) != engine:
         raise EngineError(f"the launch asked for {ENGINE_NAMES[engine]} but Accelerate set up "
                           f"{ENGINE_NAMES[running]}; check the accelerate config and the installed packages")
@@ -279,3 +277,14 @@ def plan_wrapping(accelerator, policy: torch.nn.Module, trained_tower: bool) -> 
             accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = blocks(policy)
     elif trained_tower:
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
+
+
+def prepare_policy(accelerator, policy: torch.nn.Module, optimizer, trained_tower: bool) -> tuple:
+    """`accelerator.prepare(policy, optimizer)`, the wrapping planned first (plan_wrapping). A launched process
+    keeps the wrapped policy until it exits (exits.KEPT_UNTIL_EXIT says why; Accelerate keeps only the model
+    inside a DDP wrapper)."""
+    plan_wrapping(accelerator, policy, trained_tower)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if LAUNCHED:
+        KEPT_UNTIL_EXIT.append(policy)
+    return policy, optimizer

@@ -17,7 +17,7 @@ EXIT_CODES = ("Exit codes: 0 done (a signal during the final evaluation skips it
 RANK = int(os.environ.get("RANK", 0))  # set by torchrun and accelerate launch
 LAUNCHED = os.environ.get("WORLD_SIZE", "1") != "1"  # one of several processes
 
-# A launched process's Accelerator (and so its prepared models) is kept here until exit_if_launched ends the
+# A launched process's wrapped policy (engines.prepare_policy) is kept here until exit_if_launched ends the
 # process: freeing a DDP model drops the last reference to the gloo process group in a destructor that holds
 # the GIL while it joins gloo's worker thread, and that thread may be waiting for the GIL to free a finished
 # collective's tensors (seen: rank 1 of a 2-process run stuck there after final/ was written; pytorch#56297).

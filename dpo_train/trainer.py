@@ -145,8 +145,8 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
     log(f"training {num_parameters(trainable):,} of {num_parameters(policy.parameters()):,} parameters")
     optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
     engines.configure_deepspeed(accelerator, t.per_device_batch_size, t.max_grad_norm, policy.config)
-    engines.plan_wrapping(accelerator, policy, trained_tower=images and not m.freeze_vision)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    trained_tower = images and not m.freeze_vision
+    policy, optimizer = engines.prepare_policy(accelerator, policy, optimizer, trained_tower)
     if reference is not None and not isinstance(reference, AdapterDisabled):  # that one lives inside the policy
         reference = engines.place_reference(accelerator, reference)
         held, total = engines.held_here(reference)
