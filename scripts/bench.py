@@ -94,14 +94,9 @@ def run_ours(args, data: Path, layout: str, lora: int = 0) -> dict:
     return {"seconds_per_token": statistics.mean(1 / r["tokens/s"] for r in timed), "peak_mb": peak_memory_mb()}
 
 
-def run_trl(args, data: Path) -> dict:
-    import torch
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from dpo_train.models import DTYPES, hf_dir, load_tokenizer
-
+def step_timer() -> tuple:
+    """(a TrainerCallback that times each of TRL's optimizer steps, the list of their seconds)."""
+    from transformers import TrainerCallback
     step_times = []
 
     class Timer(TrainerCallback):
@@ -111,6 +106,18 @@ def run_trl(args, data: Path) -> dict:
         def on_step_end(self, *a, **k):
             step_times.append(time.perf_counter() - self.start)
 
+    return Timer(), step_times
+
+
+def run_trl(args, data: Path) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_train.models import DTYPES, hf_dir, load_tokenizer
+
+    timer, step_times = step_timer()
     model = AutoModelForCausalLM.from_pretrained(hf_dir(args.model), dtype=DTYPES[args.dtype])
     config = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
                        learning_rate=1e-6, beta=0.1, max_length=args.max_length, logging_steps=1, report_to=[],
@@ -119,7 +126,7 @@ def run_trl(args, data: Path) -> dict:
                        # TRL's default is True; both trainers run with the same setting
                        gradient_checkpointing=args.gradient_checkpointing)
     trainer = DPOTrainer(model=model, args=config, train_dataset=load_dataset("json", data_files=str(data),
-                         split="train"), processing_class=load_tokenizer(args.model), callbacks=[Timer()])
+                         split="train"), processing_class=load_tokenizer(args.model), callbacks=[timer])
     trainer.train()
     return {"seconds_per_step": statistics.mean(step_times[1:]), "peak_mb": peak_memory_mb()}
 

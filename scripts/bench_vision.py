@@ -25,13 +25,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests")]
 
-from bench import peak_memory_mb  # noqa: E402
+from bench import peak_memory_mb, step_timer  # noqa: E402
 
 IMAGE_SIZE, PATCH = 224, 16  # 14 x 14 = 196 image tokens an image
 
@@ -106,18 +105,10 @@ def run_ours(args, layout: str) -> dict:
 def run_trl(args) -> dict:
     from datasets import Dataset
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import DPOConfig, DPOTrainer
 
-    step_times = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            step_times.append(time.perf_counter() - self.start)
-
+    timer, step_times = step_timer()
     folder = Path(args.data).parent
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     text = lambda turns: [{"role": t["role"], "content": t["content"] if isinstance(t["content"], list) else
@@ -129,7 +120,7 @@ def run_trl(args) -> dict:
                        use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, gradient_checkpointing=False)
     trainer = DPOTrainer(model=AutoModelForImageTextToText.from_pretrained(args.checkpoint), args=config,
                          train_dataset=dataset, processing_class=AutoProcessor.from_pretrained(args.checkpoint),
-                         callbacks=[Timer()])
+                         callbacks=[timer])
     trainer.train()
     return {"seconds_per_step": statistics.mean(step_times[1:]), "peak_mb": peak_memory_mb()}
 

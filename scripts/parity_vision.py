@@ -22,7 +22,9 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts")]
+
+from parity import run_ours  # noqa: E402
 
 
 def run_trl(model, processor, rows: list[dict], folder: Path, args, out: Path) -> list[dict]:
@@ -53,22 +55,6 @@ def run_trl(model, processor, rows: list[dict], folder: Path, args, out: Path) -
     return [{"loss": h["loss"], "margins": h["rewards/margins"], "logps": h["logps/chosen"]} for h in logs]
 
 
-def run_ours(checkpoint: Path, data: Path, args, out: Path) -> list[dict]:
-    from dpo_train.config import load_config
-    from dpo_train.trainer import train
-    config = out / "config.yaml"
-    config.write_text(json.dumps({
-        "model": {"name_or_path": str(checkpoint)},
-        "data": {"train": str(data), "max_length": 1024, "max_prompt_length": 512, "trl_tokenization": True},
-        "loss": {"beta": args.beta},
-        "train": {"output_dir": str(out / "run"), "per_device_batch_size": args.pairs, "learning_rate": args.lr,
-                  "max_steps": args.steps, "warmup_steps": 0, "max_grad_norm": 1.0, "eval_max_new_tokens": 0,
-                  "seed": 0, "layout": args.layout, "num_threads": args.threads}}))
-    train(load_config(config))
-    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    return [{"loss": r["loss"], "margins": r["rewards/margins"], "logps": r["logps/chosen"]} for r in records]
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="llava", help="a tests/vlms.py family")
@@ -93,7 +79,10 @@ def main(argv=None) -> dict:
         data = work / "pairs.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (work / "ours").mkdir()
-        ours = run_ours(checkpoint, data, args, work / "ours")
+        # scripts/parity.py's run, with room for the image tokens and each completion tokenized whole, as TRL's
+        # vision collator does
+        settings = argparse.Namespace(**vars(args), max_length=1024, max_prompt_length=512, trl_tokenizes=True)
+        ours = run_ours(str(checkpoint), data, "sigmoid", settings, work / "ours")
         trl = run_trl(model, processor, rows, work, args, work)
     finally:
         shutil.rmtree(work)
