@@ -1,8 +1,8 @@
 """Tiny vision-language models built locally (no downloads), each with its processor: a LLaVA (CLIP vision
 tower, a Llama text model; CLIP's PIL image processor) and a Gemma 3 (SigLIP tower, Gemma 3 text model with
 sliding and full layers; its image tokens attend to each other both ways). initializer_range 0.2 in both
-towers, so that a leak between spans or images shows. Qwen2-VL's processor needs torchvision, which cannot
-be installed beside this machine's CPU torch: Qwen-VL families are not built here.
+towers, so that a leak between spans or images shows. And, where torchvision is installed (it cannot be
+beside this machine's CPU torch, so not in CI), a Qwen2-VL, whose processor needs it (WITH_TORCHVISION).
 
 A family is added here, as one entry of VLMS, never as a branch in dpo_train.
 """
