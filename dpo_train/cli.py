@@ -223,14 +223,12 @@ def generate(config: Path = CONFIG, overrides: Optional[List[str]] = OVERRIDES) 
         cfg = load_config(config, overrides or [])
         from .generate import generate_pairs
         generate_pairs(cfg)
-        exit_if_launched()
     except user_errors() as e:
         fail(e)
     except KeyboardInterrupt:  # the pairs file is written aside and renamed: nothing half-written is left
         typer.echo("aborted by Ctrl-C; no pairs file written", err=True)
         raise typer.Exit(130)
-    finally:  # a launched process gets here only when it failed: exit_if_launched does not return
-        KEPT_UNTIL_EXIT.clear()
+    exit_if_launched()
 
 
 @app.command(epilog=CONFIG_KEYS)

@@ -98,6 +98,7 @@ def run_ours(args, layout: str) -> dict:
                   "max_steps": args.steps + 1, "layout": layout, "eval_max_new_tokens": 0, "seed": 0}}))
     train(load_config(config))
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out)  # the trained model: not needed
     return {"seconds_per_token": statistics.mean(1 / r["tokens/s"] for r in records if r["step"] >= 1),
             "peak_mb": peak_memory_mb()}
 
