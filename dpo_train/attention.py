@@ -52,6 +52,7 @@ class Spans:
 
     def __init__(self, pairs):
         self.pairs, self.used = list(pairs), False
+        self.exchange = None  # a sequence.Exchange when this process holds a share of the row's tokens
 
     def __iter__(self):
         return iter(self.pairs)
@@ -65,12 +66,21 @@ class Spans:
         return masks[window]
 
     def attend(self, module, query, key, value, attention_mask, dropout, scaling, sliding_window, kwargs):
-        """query (1, Hq, N, D), key and value (1, Hkv, N, D) -> (1, N, Hq, D). The mask is not read."""
+        """query (1, Hq, N, D), key and value (1, Hkv, N, D) -> (1, N, Hq, D). The mask is not read. With an
+        exchange, N is this process's share of the tokens, and the attention runs on every token of its heads."""
         softcap, sinks = kwargs.pop("softcap", None), kwargs.pop("s_aux", None)
         if extra := sorted(name for name, setting in kwargs.items() if setting is not None and name not in HARMLESS):
             raise NotImplementedError(f"padding-free layout: the model's attention uses {extra}, which it does not "
                                       "implement; use train.layout: rows")
         self.used = True
+        if self.exchange is None:
+            return self.attend_row(query, key, value, dropout, scaling, sliding_window, softcap, sinks)
+        query, key, value = map(self.exchange.heads, (query, key, value))
+        return self.exchange.tokens(self.attend_row(query, key, value, dropout, scaling, sliding_window, softcap,
+                                                    self.exchange.my_heads(sinks)))
+
+    def attend_row(self, query, key, value, dropout, scaling, sliding_window, softcap, sinks) -> torch.Tensor:
+        """The whole row's pair attention: query (1, Hq, N, D), key and value (1, Hkv, N, D) -> (1, N, Hq, D)."""
         if dropout == 0.0 and uses_flex(query.device):  # FlexAttention has no dropout; attention dropout takes the loop
             query, key, value = autocast_inputs(query, key, value)
             return flex.attend(query, key, value, self.block_mask(sliding_window, query.device), scaling, softcap,

@@ -171,6 +171,8 @@ class TrainConfig:
     layout_check: bool = setting(True, "score the first batch in the layout used and in padded; a difference above "
                                        "tolerance switches the run to padded, with one line")
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass: less memory, more time")
+    sequence_parallel: int = setting(1, "processes that share each packed row, each holding 1/N of its tokens (a pair "
+                                        "longer than one process holds); must divide the processes launched")
     compile: bool = setting(False, "torch.compile the policy in place (inductor, dynamic shapes); the first steps "
                                    "pay for compiling")
     report_to: Union[Tracker, list[Tracker]] = setting("none", "Accelerate's trackers to log every metrics record "
@@ -262,7 +264,7 @@ def _validate(config: Config, path: Path) -> None:
     check(d.max_length > d.max_prompt_length, "data.max_length",
           f"must be > data.max_prompt_length ({d.max_prompt_length}) so every completion keeps a token",
           d.max_length)
-    for key in ("per_device_batch_size", "grad_accum_steps", "epochs", "log_every", "keep_last"):
+    for key in ("per_device_batch_size", "grad_accum_steps", "epochs", "log_every", "keep_last", "sequence_parallel"):
         check(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
     check(1 <= t.collective_timeout <= 1e9, "train.collective_timeout", "must be in [1, 1e9] (seconds)",
           t.collective_timeout)

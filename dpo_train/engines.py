@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 
+from . import sequence
 from .exits import KEPT_UNTIL_EXIT, LAUNCHED
 from .progress import quiet_unless
 
@@ -119,6 +120,9 @@ def check_config(config) -> None:
         raise EngineError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config")
     if engine in ("deepspeed", "fsdp") and config.train.compile:
         raise EngineError(f"train.compile has not run under {ENGINE_NAMES[engine]}; set it to false")
+    if reason := sequence.refusal(config.train.sequence_parallel, int(os.environ.get("WORLD_SIZE", "1")),
+                                  config.train.compile):
+        raise EngineError(reason)
 
 
 def configure_deepspeed(accelerator, micro_batch_size: int, max_grad_norm: float, model_config) -> None:

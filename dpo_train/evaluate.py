@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from . import layouts, vision
+from . import layouts, sequence, vision
 from .progress import bar, say
 from .config import ConfigError, LossConfig, ModelConfig, checker, load_config
 from .collate import COLLATES
@@ -54,7 +54,7 @@ def preference_metrics(accelerator, policy, reference, loader, loss_fn, prefix: 
         batch_sums = pair_metrics(losses, chosen_rewards, rejected_rewards, logps.policy_chosen_logps,
                                   logps.policy_rejected_logps, logps.policy_router_aux_loss)
         batch_sums["logps_accuracy"] = (logps.policy_chosen_logps > logps.policy_rejected_logps).float().sum()
-        sums = add(sums, batch_sums)
+        sums = add(sums, sequence.counted_once(batch_sums))  # a sequence group's processes hold the same sums
     policy.train(was_training)
     return means(accelerator.reduce(sums, reduction="sum"), prefix)
 

@@ -35,7 +35,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .health import DivergenceError, NonFiniteError
     from .models import ModelError
     from .run_dir import OutputError
-    return ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, DivergenceError, EngineError, OutputError
+    from .sequence import SequenceError
+    return (ConfigError, DataError, ModelError, CheckpointError, NonFiniteError, DivergenceError, EngineError, OutputError,
+            SequenceError)
 
 
 def fail(error: Exception) -> None:

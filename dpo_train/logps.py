@@ -13,7 +13,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
-from . import attention, router
+from . import attention, router, sequence
 
 IGNORE_INDEX = -100
 CHUNK_SIZE = 1024  # positions per head + log-softmax chunk: (1024, V) fp32 is 200 MB at V = 49 152
@@ -102,7 +102,7 @@ def token_logps(inputs: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
 
     # fp32 logits passed in already exist whole: recomputing their chunks would save nothing
     keeps_logits = torch.is_grad_enabled() and (head is not None or inputs.dtype != torch.float32)
-    chunks = list(zip(inputs.split(chunk_size), targets.split(chunk_size)))
+    chunks = list(zip(inputs.split(chunk_size), targets.split(chunk_size))) or [(inputs, targets)]  # K may be 0
     outputs = [checkpoint(chunk_logps, c, t, use_reentrant=False) if keeps_logits and i < len(chunks) - 1
                else chunk_logps(c, t) for i, (c, t) in enumerate(chunks)]
     if not log_sum_sq:
@@ -145,10 +145,8 @@ def owner_sums(outputs: torch.Tensor, targets: torch.Tensor, owners: torch.Tenso
     sums = {"logps": add(per_token)}
     if "log_sum_sq" in extras:
         sums["log_sum_sq"] = add(per_token_sum_sq)
-    if "shared_logps" in extras:
-        index = torch.arange(owners.shape[0], device=owners.device)
-        first = torch.full((num_rows,), owners.shape[0], device=owners.device).scatter_reduce(0, owners, index, "amin")
-        place = index - first[owners]  # each token's place in its own completion, from 0
+    if "shared_logps" in extras:  # each token's place in its own completion (a sequence share brings its own)
+        place = batch["token_places"] if "token_places" in batch else sequence.places(owners, num_rows)
         shared = torch.minimum(batch["chosen_lengths"], batch["rejected_lengths"]).repeat(2).to(owners.device)
         sums["shared_logps"] = add(per_token * (place < shared[owners]))
     return sums
@@ -191,12 +189,13 @@ def completion_sums(outputs: torch.Tensor, batch: dict[str, torch.Tensor], head:
 
 def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,
                  extras: frozenset = frozenset()) -> dict[str, torch.Tensor]:
-    """Completion sums (completion_sums) of the padding-free row of collate.collate_packed.
-    The model's attention is routed through attention.pair_attention (once, in place); the forward
-    stops at the K completion-predicting positions."""
+    """Completion sums (completion_sums) of the padding-free row of collate.collate_packed, or of a sequence.share
+    of it. Attention goes through attention.pair_attention; the forward stops at the K completion positions."""
     base = unwrapped(model)
     attention.enable(base.config)
     spans = attention.batch_spans(batch["pair_spans"], base.config, batch["input_ids"].device)
+    if sequence.SHARE_KEY in batch:  # this process's share of the row: attention exchanges heads for tokens
+        spans.exchange = sequence.Exchange(sequence.GROUP, int(batch[sequence.SHARE_KEY]))
     # a 4-D mask is passed to the attention as it is, so transformers builds none; the spans replace it
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=batch["input_ids"].device)
     outputs, head = hidden_states_or_logits(model, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -205,7 +204,8 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
     if not spans.used:
         raise RuntimeError(f"padding-free layout: {type(base).__name__} does not route its attention through "
                            "transformers' AttentionInterface; use train.layout: padded")
-    return completion_sums(outputs[0], batch, head, chunk_size, extras)  # outputs (1, K, H), or (1, K, V) and no head
+    sums = completion_sums(outputs[0], batch, head, chunk_size, extras)  # outputs (1, K, H), or (1, K, V) and no head
+    return sequence.group_sum(sums) if spans.exchange else sums
 
 
 def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,

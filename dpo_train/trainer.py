@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import engines, health, hub, layouts, reference as precomputed, router, templates, tracking, vision
+from . import engines, health, hub, layouts, reference as precomputed, router, sequence, templates, tracking, vision
 from .card import model_card
 from .checkpoint import restore, resume_point, save_checkpoint, save_final
 from .config import Config
@@ -155,17 +155,17 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
     collates = vlm.collates() if images else COLLATES  # with images: their pixel values in each batch
     layout = layouts.decide(accelerator, t.layout, scorers, train_set, t.per_device_batch_size, tokenizer.pad_token_id,
                             t.layout_check, log, collates)
+    group = sequence.start(accelerator, t.sequence_parallel, scorers[0], layout, images, loss_fn.router_aux_coef, log)
     if reason := head_inside(policy):
         log(f"the LM head runs inside the model's forward: {reason}")
-    collate_fn = partial(collates[layout], pad_token_id=tokenizer.pad_token_id)
+    collate_fn = partial(collates[layout], pad_token_id=tokenizer.pad_token_id)  # whole rows: a group's are shared
     if m.precompute_reference and reference is not None:
         train_set, eval_set = precomputed.attach(accelerator, reference, [train_set, eval_set], collate_fn,
                                                  t.per_device_batch_size, cache_dir(), log)
         reference = None  # freed: training now holds one model
-    train_loader = DataLoader(train_set, batch_size=t.per_device_batch_size, shuffle=True, collate_fn=collate_fn)
-    eval_loader = None if eval_set is None else DataLoader(eval_set, batch_size=t.per_device_batch_size,
-                                                           collate_fn=collate_fn)
-    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+    loader = partial(DataLoader, batch_size=t.per_device_batch_size, collate_fn=sequence.sharing(collate_fn, group))
+    train_loader, eval_loader = sequence.prepare_loaders(accelerator, group, loader(train_set, shuffle=True),
+                                                         None if eval_set is None else loader(eval_set))
     total_steps = t.max_steps or t.epochs * math.ceil(len(train_loader) / t.grad_accum_steps)
     # On the torch optimizer inside the engine's wrappers, stepped by hand once per optimizer update, so
     # the schedule counts updates on any number of processes.
@@ -181,7 +181,7 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
                         if key in run.position}
         log(f"Resumed from {start} at step {run.position['step']}")
     log(f"{len(train_set)} train pairs, {total_steps} optimizer steps of "
-        f"{t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes} pairs")
+        f"{t.per_device_batch_size * t.grad_accum_steps * accelerator.num_processes // t.sequence_parallel} pairs")
     return run
 
 
@@ -209,7 +209,7 @@ def optimizer_step(run: Run, batches) -> tuple[dict, float | None]:
             if engines.steps_inside_backward(accelerator) and not all_finite(accelerator, loss):  # DeepSpeed steps
                 raise nonfinite_error(accelerator, run.out, run.position["step"], applied=False)  # inside backward
             accelerator.backward(loss)  # accelerate divides it by grad_accum_steps
-        sums = add(sums, {**batch_sums, "tokens": batch["num_tokens"]})
+        sums = add(sums, sequence.counted_once({**batch_sums, "tokens": batch["num_tokens"]}))
         if accelerator.sync_gradients:
             break
     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), t.max_grad_norm)

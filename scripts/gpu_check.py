@@ -12,6 +12,8 @@ Phases, in order (each runs only if its estimate fits the time left; the report 
   families     scripts/family_table.py on the window, softcap and sink families (FlexAttention in packed): log-probs
                against a naive forward, one step's gradients against padded's, fp32
   compiled-*   our layouts again with train.compile (compiling takes most of each run)
+  sequence-*   scripts/bench_sequence.py: the longest pairs one GPU trains (1gpu), and sequence-parallel 1 against 2
+               (2gpu, where two GPUs are present): per-process peak memory and step time
 
     python scripts/gpu_check.py [--out DIR] [--budget SECONDS] [--phases setup,bench-qwen2,...]
     python scripts/gpu_check.py --dry-run   # CPU, tiny sizes: exercises every phase's Python parts
@@ -215,6 +217,20 @@ def families_check(run: Runner, args) -> dict:
     return result
 
 
+def sequence_check(run: Runner, args, settings: str, lengths: str, gpus: int) -> dict:
+    """scripts/bench_sequence.py's rows: per-process peak memory and step time of one long pair per length."""
+    import torch
+    out = args.work / f"sequence-{settings.replace(',', '-')}.json"
+    cmd = [sys.executable, "scripts/bench_sequence.py", "--settings", settings, "--lengths", lengths, "--json", str(out)]
+    if args.dry_run:
+        return {"rc": None, "seconds": 0, "dry": " ".join(cmd[1:])}
+    if torch.cuda.device_count() < gpus:
+        return {"skipped": f"{torch.cuda.device_count()} GPU(s) here; the phase needs {gpus}"}
+    result = run(cmd)
+    result["rows"] = json.loads(out.read_text()) if out.exists() else []
+    return result
+
+
 def phases(args, sizes: Sizes) -> list[tuple[str, float, object]]:
     """(name, estimated seconds, function of the runner) in the order they run: the uncompiled
     comparison first, then the checks of engines and resume, then the A/B and compiled runs."""
@@ -235,6 +251,8 @@ def phases(args, sizes: Sizes) -> list[tuple[str, float, object]]:
     table += [("families", 60, lambda run: families_check(run, args))]
     table += [measure(f"flex-vs-loop-{shape}", 30, "qwen2", shape, "packed", ["--no-trl"],
                       {"DPO_TRAIN_PAIR_ATTENTION": "loop"}) for shape in shapes]
+    table += [("sequence-1gpu", 150, lambda run: sequence_check(run, args, "sp1", "8192,32768", 1)),
+              ("sequence-2gpu", 300, lambda run: sequence_check(run, args, "sp1,sp2", "16384,32768", 2))]
     for layouts, estimate in (("packed", 100), ("rows,padded", 200)):
         table += [measure(f"compiled-{layouts.replace(',', '-')}-{key}-{shape}", estimate, key, shape, layouts,
                           ["--no-trl", "--compile"]) for key in models for shape in shapes]

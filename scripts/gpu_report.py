@@ -104,6 +104,12 @@ def checks(results: dict) -> list[str]:
     e = lambda value: f"{value:.1e}" if isinstance(value, float) else str(value)  # a crash stays its words
     lines += [f"  - {r['family']}: packed {e(r['packed'])}, rows {e(r['rows'])}, gradients packed "
               f"{e(r.get('packed_grads'))}, rows {e(r.get('rows_grads'))}" for r in families.get("families", [])]
+    for name in ("sequence-1gpu", "sequence-2gpu"):
+        result = results.get(name, {})
+        lines.append(f"- long pairs ({name}, scripts/bench_sequence.py, one pair a step): "
+                     f"{status(result) if result else 'not run'}")
+        lines += [f"  - {r['setting']}, {r['length']} tokens: " + (f"{r['peak_mb']:.0f} MiB a process, {r['step_s']} s a step"
+                  if "peak_mb" in r else r["failed"]) for r in result.get("rows", [])]
     return lines
 
 

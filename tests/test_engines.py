@@ -56,10 +56,10 @@ def run_command(cmd: list[str], env: dict, timeout: float) -> subprocess.Complet
 
 
 def launch(engine: str, config: Path, *overrides: str, fault: str = "", cache: Path, timeout: float = 600,
-           check: bool = True, mixed_precision: str = "no") -> subprocess.CompletedProcess:
+           check: bool = True, mixed_precision: str = "no", processes: int = 2) -> subprocess.CompletedProcess:
     """`NUM_PROCESSES=2 scripts/launch.sh ENGINE CONFIG overrides...`, with DPO_TRAIN_FAULT injected by
     tests/faults/sitecustomize.py."""
-    env = {**os.environ, "NUM_PROCESSES": "2", "MAIN_PROCESS_PORT": str(free_port()), "DPO_TRAIN_CACHE": str(cache),
+    env = {**os.environ, "NUM_PROCESSES": str(processes), "MAIN_PROCESS_PORT": str(free_port()), "DPO_TRAIN_CACHE": str(cache),
            "DPO_TRAIN_FAULT": fault, "MIXED_PRECISION": mixed_precision,
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "faults"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = run_command(["bash", str(ROOT / "scripts" / "launch.sh"), engine, str(config), *overrides], env, timeout)
@@ -255,6 +255,8 @@ REFUSED = {
                              "train.on_nonfinite: skip cannot run under DeepSpeed"),
     "fsdp-version-1": ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], "FSDP version 1 is not supported"),
     "compile-under-fsdp": ({"ACCELERATE_USE_FSDP": "true"}, ["train.compile=true"], "train.compile has not run under FSDP"),
+    "sequence-groups-that-do-not-divide": ({"WORLD_SIZE": "3"}, ["train.sequence_parallel=2"],
+                                           "train.sequence_parallel: 2 does not divide the 3 processes launched"),
 }
 
 
