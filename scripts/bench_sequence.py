@@ -1,21 +1,23 @@
-"""Per-process peak memory and step time of long pairs, sequence-parallel 1 against 2 (train.sequence_parallel).
+"""Per-process peak memory and step time of long pairs, with and without sequence parallelism (train.sequence_parallel).
 
 The model is built here with random weights: Qwen2-0.5B's layer shape (hidden 896, 14 query heads, 2 key-value
 heads, MLP 4864), cut to --layers decoder layers, with the embedded SmolLM2 tokenizer's 49,152-token vocabulary
-(tied embeddings). Each length is one pair: a prompt of half its tokens, a chosen and a rejected answer of a
-quarter each, so the packed row holds exactly LENGTH tokens. One optimizer step each (the live reference's
-forward, the policy's forward and backward), fp32, gradient checkpointing on, train.layout_check off (it scores the
-first batch whole on every process). Each run is a fresh launch:
+(tied embeddings). Each pair has a prompt of half of LENGTH tokens and a chosen and a rejected answer of a
+quarter each, so its packed row holds exactly LENGTH tokens. One optimizer step a run (the live reference's
+forward, the policy's forward and backward), one pair per data-parallel group, fp32, gradient checkpointing on,
+train.layout_check off (it scores the first batch whole on every process). Each run is a fresh launch; settings:
 
-  sp1: one process, the whole row (torch's threads: every core)
-  sp2: two processes (scripts/launch.sh ENGINE, one thread each) sharing the row, FSDP2 by default: the
-       weights, gradients and AdamW state are sharded over the two, the activations split by sequence
+  one         one process, the whole row (torch's threads: every core)
+  ENGINE-spN  two processes through scripts/launch.sh ENGINE (one thread each) with train.sequence_parallel N:
+              sp1 gives each process a pair of its own (2 pairs a step), sp2 shares one pair between the two
 
-Peak memory is each process's peak RSS from the start of training (metrics' memory/peak_mb, the largest over
-processes). --cap-mb states a per-process memory cap; the longest length each setting trained under it is read
-off the runs, never extrapolated. A length that fails (out of memory, or past --timeout) is reported as such.
+Peak memory is each process's peak RSS from the start of training on a CPU (with glibc's mmap threshold fixed
+at 4 MB: ALLOCATOR below says why), allocated CUDA memory on a GPU
+(metrics' memory/peak_mb: the largest process's). --cap-mb states a per-process memory cap; the longest length
+each setting trained under it is read off the runs, never extrapolated. A run that fails (out of memory, or past
+--timeout) is reported as such.
 
-    python scripts/bench_sequence.py --lengths 2048,4096,8192 --json sequence.json
+    python scripts/bench_sequence.py --lengths 2048,4096,8192 --settings one,ddp-sp2,fsdp-sp1,fsdp-sp2
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# glibc raises its mmap threshold to the size of each large block freed (up to 32 MB), so later blocks below it
+# stay on the heap when freed, and RSS keeps them: a split row's tensors, half the size, fall under it and the
+# first step's peak of a split run was as high as the whole row's. A fixed threshold (for every setting) returns
+# each block of 4 MB or more when it is freed; --glibc-default measures without it.
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
 
 
 def make_model(out: Path, layers: int) -> None:
@@ -48,27 +55,31 @@ def make_model(out: Path, layers: int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def make_pair(length: int, out: Path) -> None:
-    """One pair of plain texts long enough that truncation cuts them to length/2 + length/4 + length/4 tokens."""
+def make_pairs(length: int, out: Path) -> None:
+    """Two pairs of plain texts long enough that truncation cuts them to length/2 + length/4 + length/4 tokens."""
     words = "the of and to in is was for on that with as by at from his her an which or be are".split()
     rng = random.Random(length)
     text = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    out.write_text(json.dumps({"prompt": text(length), "chosen": text(length), "rejected": text(length)}) + "\n")
+    out.write_text("".join(json.dumps({"prompt": text(length), "chosen": text(length), "rejected": text(length)}) + "\n"
+                           for _ in range(2)))
 
 
-def run(setting: str, length: int, model: Path, work: Path, engine: str, timeout: float) -> dict:
-    data, out = work / f"pair-{length}.jsonl", work / f"{setting}-{length}"
-    make_pair(length, data)
+def run(setting: str, length: int, model: Path, work: Path, timeout: float) -> dict:
+    data, out = work / f"pairs-{length}.jsonl", work / f"{setting}-{length}"
+    make_pairs(length, data)
+    engine, _, split = setting.partition("-sp")
+    split = int(split or 1)
     config = work / f"{setting}-{length}.yaml"
     config.write_text(json.dumps({
         "model": {"name_or_path": str(model)},
         "data": {"train": str(data), "max_length": 3 * length // 4, "max_prompt_length": length // 2},
         "train": {"output_dir": str(out), "per_device_batch_size": 1, "max_steps": 1, "learning_rate": 1e-6,
                   "eval_max_new_tokens": 0, "gradient_checkpointing": True, "layout_check": False, "seed": 0,
-                  "sequence_parallel": 2 if setting == "sp2" else 1, "collective_timeout": int(timeout)}}))
-    command = ([sys.executable, "-m", "dpo_train", "train", "--config", str(config)] if setting == "sp1" else
+                  "sequence_parallel": split, "collective_timeout": int(timeout)}}))
+    command = ([sys.executable, "-m", "dpo_train", "train", "--config", str(config)] if setting == "one" else
                ["bash", str(ROOT / "scripts" / "launch.sh"), engine, str(config)])
-    env = {**os.environ, "NUM_PROCESSES": "2", "DPO_TRAIN_CACHE": str(work / "cache"),
+    pairs_a_step = 1 if setting == "one" else 2 // split
+    env = {**os.environ, "NUM_PROCESSES": "2", "DPO_TRAIN_CACHE": str(work / "cache"), **ALLOCATOR,
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}  # accelerate
     start = time.perf_counter()
     try:
@@ -82,35 +93,40 @@ def run(setting: str, length: int, model: Path, work: Path, engine: str, timeout
         return {"setting": setting, "length": length, "failed": f"exit {result.returncode}: {tail}"}
     record = json.loads(metrics.read_text().splitlines()[0])
     shutil.rmtree(out)
-    # the row holds `length` tokens when the prompt and both answers were cut to their limits
-    assert "truncated prompts 1, truncated completions 1" in result.stdout, result.stdout[-2000:]
-    return {"setting": setting, "length": length, "peak_mb": record["memory/peak_mb"],
-            "step_s": round(length / record["tokens/s"], 1), "wall_s": round(wall, 1), "loss": record["loss"]}
+    # each row holds `length` tokens when the prompts and answers were cut to their limits
+    assert "truncated prompts 2, truncated completions 2" in result.stdout, result.stdout[-2000:]
+    return {"setting": setting, "length": length, "pairs_a_step": pairs_a_step, "peak_mb": record["memory/peak_mb"],
+            "step_s": round(pairs_a_step * length / record["tokens/s"], 1), "wall_s": round(wall, 1),
+            "loss": record["loss"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="2048,4096,8192,16384", help="tokens per pair (a multiple of 4)")
-    parser.add_argument("--settings", default="sp1,sp2")
-    parser.add_argument("--engine", default="fsdp", help="the engine of the sp2 runs (scripts/launch.sh)")
+    parser.add_argument("--settings", default="one,ddp-sp2,fsdp-sp1,fsdp-sp2",
+                        help="one, or ENGINE-spN with ENGINE a scripts/launch.sh engine, comma-separated")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--cap-mb", type=float, default=6144, help="the per-process memory cap of the summary")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a run may take")
+    parser.add_argument("--glibc-default", action="store_true", help="leave glibc's dynamic mmap threshold as it is")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
+    if args.glibc_default:
+        ALLOCATOR.clear()
     work = Path(tempfile.mkdtemp(prefix="bench-sequence-"))
     make_model(work / "model", args.layers)
     rows = []
     for length in map(int, args.lengths.split(",")):
         for setting in args.settings.split(","):
-            rows.append(run(setting, length, work / "model", work, args.engine, args.timeout))
+            rows.append(run(setting, length, work / "model", work, args.timeout))
             print(json.dumps(rows[-1]), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"\n{'setting':8s}{'tokens':>8s}{'peak MiB/process':>18s}{'step s':>8s}")
+    print(f"\n{'setting':10s}{'tokens':>8s}{'peak MiB/process':>18s}{'step s':>8s}{'pairs/step':>12s}")
     for row in rows:
-        print(f"{row['setting']:8s}{row['length']:8d}" + (f"{row['peak_mb']:18.0f}{row['step_s']:8.1f}" if "peak_mb" in row
-                                                         else f"  {row['failed']}"))
+        print(f"{row['setting']:10s}{row['length']:8d}" + (
+            f"{row['peak_mb']:18.0f}{row['step_s']:8.1f}{row['pairs_a_step']:12d}" if "peak_mb" in row
+            else f"  {row['failed']}"))
     for setting in args.settings.split(","):
         fits = [r["length"] for r in rows if r["setting"] == setting and r.get("peak_mb", float("inf")) <= args.cap_mb]
         print(f"{setting}: the longest pair trained under {args.cap_mb:.0f} MiB a process: "

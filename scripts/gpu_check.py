@@ -251,8 +251,8 @@ def phases(args, sizes: Sizes) -> list[tuple[str, float, object]]:
     table += [("families", 60, lambda run: families_check(run, args))]
     table += [measure(f"flex-vs-loop-{shape}", 30, "qwen2", shape, "packed", ["--no-trl"],
                       {"DPO_TRAIN_PAIR_ATTENTION": "loop"}) for shape in shapes]
-    table += [("sequence-1gpu", 150, lambda run: sequence_check(run, args, "sp1", "8192,32768", 1)),
-              ("sequence-2gpu", 300, lambda run: sequence_check(run, args, "sp1,sp2", "16384,32768", 2))]
+    table += [("sequence-1gpu", 150, lambda run: sequence_check(run, args, "one", "8192,32768", 1)),
+              ("sequence-2gpu", 300, lambda run: sequence_check(run, args, "one,fsdp-sp1,fsdp-sp2", "16384,32768", 2))]
     for layouts, estimate in (("packed", 100), ("rows,padded", 200)):
         table += [measure(f"compiled-{layouts.replace(',', '-')}-{key}-{shape}", estimate, key, shape, layouts,
                           ["--no-trl", "--compile"]) for key in models for shape in shapes]

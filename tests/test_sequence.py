@@ -137,6 +137,7 @@ def test_what_the_split_cannot_serve_is_refused_in_one_line(family, size, layout
 # 5 optimizer steps of 4 pairs, checkpoints at steps 2 and 4, evaluation (with greedy generation) at 2, 4 and the end
 RUN = ["train.max_steps=5", "train.save_every=2", "train.eval_every=2", "train.eval_max_new_tokens=3",
        "train.learning_rate=1e-4", "train.collective_timeout=60", "train.per_device_batch_size=4"]
+SHORT = ("train.max_steps=3", "train.eval_every=0")  # 4 processes on 2 cores: 3 steps, evaluated at the end
 VARIANTS = {"live": [], "precomputed": ["model.precompute_reference=true"],
             "lora": ["model.lora.r=4", "train.gradient_checkpointing=true"]}
 
@@ -157,16 +158,17 @@ def split_runs(tmp_path_factory):
     tiny_config(root, root / "model", data)  # writes root/tiny.yaml
 
     @functools.cache
-    def one(variant: str, accumulation: int) -> Path:
-        out = root / f"one-{variant}-{accumulation}"
+    def one(variant: str, accumulation: int, *extra: str) -> Path:
+        out = root / f"one-{variant}-{accumulation}-{len(extra)}"
         os.environ["DPO_TRAIN_CACHE"] = str(root / f"cache-{out.name}")
         try:
             train(tiny_config(root, root / "model", data, *RUN, *VARIANTS[variant],
-                              f"train.grad_accum_steps={accumulation}", f"train.output_dir={out}"))
+                              f"train.grad_accum_steps={accumulation}", f"train.output_dir={out}", *extra))
         finally:
             del os.environ["DPO_TRAIN_CACHE"]
         return out
 
+    @functools.cache  # the resume test continues from the live run of the test before it
     def split(engine: str, processes: int, variant: str, *extra: str, name: str = "", **kwargs):
         from test_engines import launch
         out = root / (name or f"{engine}-{processes}-{variant}")
@@ -187,14 +189,12 @@ def assert_same_losses(one: Path, two: Path, atol: float = 1e-5) -> None:
 
 
 @pytest.mark.slow  # launches processes that import torch and transformers
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_two_processes_sharing_each_row_match_one_process(split_runs, variant):
+def test_two_processes_sharing_each_row_match_one_process(split_runs):
     """Sequence-parallel 2 on 2 processes (one data-parallel group): the same global batch as one process,
-    so the same per-step losses, metrics and final weights, with the live reference, the precomputed one,
-    and LoRA with gradient checkpointing."""
+    so the same per-step losses, metrics and final weights (the precomputed reference and LoRA: below)."""
     from test_engines import assert_same_run
-    one = split_runs.one(variant, 1)
-    two, result = split_runs.split("ddp", 2, variant)
+    one = split_runs.one("live", 1)
+    two, result = split_runs.split("ddp", 2, "live")
     assert "2 processes share each packed row" in result.stdout and "optimizer steps of 4 pairs" in result.stdout
     assert_same_run(one, two)
     assert_same_losses(one, two)
@@ -203,11 +203,11 @@ def test_two_processes_sharing_each_row_match_one_process(split_runs, variant):
 @pytest.mark.slow  # 4 processes on a 2-core machine: about a minute each
 @pytest.mark.parametrize("engine, variant", [("ddp", "live"), ("fsdp", "precomputed"), ("zero3", "lora")])
 def test_sequence_groups_compose_with_each_data_parallel_engine(split_runs, engine, variant):
-    """4 processes = 2 data-parallel x 2 sequence-parallel under DDP, FSDP2 and ZeRO-3 equal one process
-    accumulating 2 micro-batches."""
+    """4 processes = 2 data-parallel x 2 sequence-parallel under DDP (the live reference), FSDP2 (precomputed)
+    and ZeRO-3 (LoRA, gradient checkpointing) equal one process accumulating 2 micro-batches; 3 steps."""
     from test_engines import assert_same_run
-    one = split_runs.one(variant, 2)
-    four, result = split_runs.split(engine, 4, variant, timeout=900)
+    one = split_runs.one(variant, 2, *SHORT)
+    four, result = split_runs.split(engine, 4, variant, *SHORT, timeout=900)
     assert "(2 data-parallel group(s) of 2)" in result.stdout and "optimizer steps of 8 pairs" in result.stdout
     assert_same_run(one, four)
     assert_same_losses(one, four)
