@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--settings", default="one,ddp-sp2,fsdp-sp1,fsdp-sp2",
                         help="one, or ENGINE-spN with ENGINE a scripts/launch.sh engine, comma-separated")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--cap-mb", type=float, default=6144, help="the per-process memory cap of the summary")
+    parser.add_argument("--cap-mb", type=float, default=3000, help="the per-process memory cap of the summary")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a run may take")
     parser.add_argument("--glibc-default", action="store_true", help="leave glibc's dynamic mmap threshold as it is")
     parser.add_argument("--json", help="also write the rows to this file")
