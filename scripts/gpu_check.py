@@ -227,7 +227,7 @@ def sequence_check(run: Runner, args, settings: str, lengths: str, gpus: int) ->
     if torch.cuda.device_count() < gpus:
         return {"skipped": f"{torch.cuda.device_count()} GPU(s) here; the phase needs {gpus}"}
     result = run(cmd)
-    result["rows"] = json.loads(out.read_text()) if out.exists() else []
+    result["long_pairs"] = json.loads(out.read_text()) if out.exists() else []  # not "rows": the bench tables read those
     return result
 
 

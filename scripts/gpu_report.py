@@ -109,7 +109,7 @@ def checks(results: dict) -> list[str]:
         lines.append(f"- long pairs ({name}, scripts/bench_sequence.py, one pair a step): "
                      f"{status(result) if result else 'not run'}")
         lines += [f"  - {r['setting']}, {r['length']} tokens: " + (f"{r['peak_mb']:.0f} MiB a process, {r['step_s']} s a step"
-                  if "peak_mb" in r else r["failed"]) for r in result.get("rows", [])]
+                  if "peak_mb" in r else r["failed"]) for r in result.get("long_pairs", [])]
     return lines
 
 

@@ -32,7 +32,8 @@ def test_the_phases_run_in_order_and_a_prefix_selects_them():
     listed = names(helper("--list").stdout)
     assert listed[:6] == ["setup", "bench-qwen2-prompt-heavy", "bench-qwen2-completion-heavy",
                           "bench-smollm2-prompt-heavy", "bench-smollm2-completion-heavy", "resume"]
-    assert {"fsdp", "zero3", "families", "flex-vs-loop-prompt-heavy", "compiled-packed-qwen2-completion-heavy"} <= set(listed)
+    assert {"fsdp", "zero3", "families", "flex-vs-loop-prompt-heavy", "compiled-packed-qwen2-completion-heavy",
+            "sequence-1gpu", "sequence-2gpu"} <= set(listed)
     assert names(helper("--list", "--phases", "resume,compiled-packed-qwen2").stdout) == [
         "resume", "compiled-packed-qwen2-prompt-heavy", "compiled-packed-qwen2-completion-heavy"]
 
@@ -97,6 +98,16 @@ def test_the_report_gives_ratios_to_trl_and_the_targets_verdicts():
     assert "| zero3 | skipped (20 s left, about 45 s needed) |" in report
 
 
+def test_the_report_gives_the_long_pair_rows_and_says_what_failed(tmp_path):
+    rows = [{"setting": "fsdp-sp2", "length": 16384, "peak_mb": 3407.0, "step_s": 103.5},
+            {"setting": "one", "length": 32768, "failed": "exit 1: out of memory"}]
+    report = gpu_report.render({"sequence-2gpu": {"rc": 0, "seconds": 300, "long_pairs": rows},
+                                "sequence-1gpu": {"skipped": "0 GPU(s) here; the phase needs 1"}}, "bfloat16", 510)
+    assert "  - fsdp-sp2, 16384 tokens: 3407 MiB a process, 103.5 s a step" in report
+    assert "  - one, 32768 tokens: exit 1: out of memory" in report
+    assert "long pairs (sequence-1gpu, scripts/bench_sequence.py, one pair a step): skipped" in report
+
+
 def test_a_target_missed_is_said_so():
     slow = results()
     slow["bench-qwen2-prompt-heavy"]["rows"][0].update({"tokens/s": 18000, "peak_mb": 12000, "mfu": 0.1})
@@ -112,7 +123,7 @@ def test_a_dry_run_on_the_cpu_runs_the_python_parts(tmp_path):
     (exact on a CPU), the engines and compiled runs named but not launched; one report."""
     result = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(tmp_path / "out"), "--work",
                              str(tmp_path / "work"), "--budget", "1200", "--phases",
-                             "setup,bench-qwen2-prompt,resume,fsdp,compiled-packed-qwen2-prompt"],
+                             "setup,bench-qwen2-prompt,resume,fsdp,compiled-packed-qwen2-prompt,sequence"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = (tmp_path / "out" / "gpu_check.md").read_text()
@@ -120,4 +131,5 @@ def test_a_dry_run_on_the_cpu_runs_the_python_parts(tmp_path):
     assert {row["trainer"] for row in saved["bench-qwen2-prompt-heavy"]["rows"]} == {"ours-packed", "trl"}
     assert saved["resume"]["weights_max_diff_resumed"] == 0 and saved["resume"]["ok"]
     assert "NUM_PROCESSES=1 bash scripts/launch.sh fsdp" in report and "--compile" in report
+    assert "scripts/bench_sequence.py --settings one,fsdp-sp1,fsdp-sp2" in report  # named, not launched
     assert "| qwen2 | prompt-heavy | trl | eager |" in report
