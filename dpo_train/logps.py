@@ -205,7 +205,7 @@ def packed_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_s
         raise RuntimeError(f"padding-free layout: {type(base).__name__} does not route its attention through "
                            "transformers' AttentionInterface; use train.layout: padded")
     sums = completion_sums(outputs[0], batch, head, chunk_size, extras)  # outputs (1, K, H), or (1, K, V) and no head
-    return sequence.group_sum(sums) if spans.exchange else sums
+    return sequence.group_sum(sums, spans.exchange.group) if spans.exchange else sums
 
 
 def rows_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = CHUNK_SIZE,

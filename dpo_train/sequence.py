@@ -36,10 +36,10 @@ class Group:
         mesh = init_device_mesh(device_type, (num_processes // size, size), mesh_dim_names=("data", "sequence"))
         self.process_group, self.size = mesh["sequence"].get_group(), size
         self.rank, self.data_rank = mesh.get_local_rank("sequence"), mesh.get_local_rank("data")
-        self.data_size = num_processes // size
+        self.data_size = mesh["data"].size()
 
 
-GROUP: Group | None = None  # set by `start`; the pair attention and packed_logps read it for shared batches
+GROUP: Group | None = None  # set by `start`; packed_logps (for shared batches) and counted_once read it
 
 
 class SequenceError(RuntimeError):
@@ -132,14 +132,15 @@ class _AllToAll(torch.autograd.Function):
     gloo it scatters from group ranks as if they were global ones, so it fails in any group but the world.)"""
 
     @staticmethod
-    def forward(ctx, parts: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, parts: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.group = group
         received = torch.empty_like(parts := parts.contiguous())
-        dist.all_to_all_single(received, parts, group=GROUP.process_group)
+        dist.all_to_all_single(received, parts, group=group.process_group)
         return received
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _AllToAll.apply(grad)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _AllToAll.apply(grad, ctx.group), None
 
 
 class Exchange:
@@ -151,7 +152,7 @@ class Exchange:
     def heads(self, tensor: torch.Tensor) -> torch.Tensor:
         """(1, H, n, D), this process's n tokens -> (1, H/N, length, D): every token, this process's heads."""
         parts = tensor.unflatten(1, (self.group.size, -1)).movedim(1, 0)  # (N, 1, H/N, n, D): [s] goes to process s
-        received = _AllToAll.apply(parts)  # [s]: process s's tokens, this process's heads
+        received = _AllToAll.apply(parts, self.group)  # [s]: process s's tokens, this process's heads
         return received.permute(1, 2, 3, 0, 4).flatten(2, 3)[:, :, :self.length]  # token j*N + s at j*N + s
 
     def my_heads(self, per_head: torch.Tensor | None) -> torch.Tensor | None:
@@ -162,7 +163,7 @@ class Exchange:
         """(1, length, H/N, D), every token of this process's heads -> (1, n, H, D): its own tokens, all heads."""
         output = F.pad(output, (0, 0, 0, 0, 0, -self.length % self.group.size))
         parts = output.unflatten(1, (-1, self.group.size)).movedim(2, 0)  # (N, 1, n, H/N, D): [s] process s's tokens
-        received = _AllToAll.apply(parts)  # [s]: this process's tokens, process s's heads
+        received = _AllToAll.apply(parts, self.group)  # [s]: this process's tokens, process s's heads
         return received.permute(1, 2, 0, 3, 4).flatten(2, 3)
 
 
@@ -172,19 +173,20 @@ class _GroupSum(torch.autograd.Function):
     processes, N of which hold one micro-batch, where the micro-batch's gradient is its shares' sum."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, group: Group) -> torch.Tensor:
+        ctx.size = group.size
         total = tensor.clone()
-        dist.all_reduce(total, group=GROUP.process_group)
+        dist.all_reduce(total, group=group.process_group)
         return total
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad * GROUP.size
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.size, None
 
 
-def group_sum(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def group_sum(sums: dict[str, torch.Tensor], group: Group) -> dict[str, torch.Tensor]:
     """Per-row sums over this process's share -> over the whole row, on every process of the group."""
-    return {key: _GroupSum.apply(value) for key, value in sums.items()}
+    return {key: _GroupSum.apply(value, group) for key, value in sums.items()}
 
 
 def counted_once(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

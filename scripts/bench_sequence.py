@@ -42,17 +42,9 @@ ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
 
 
 def make_model(out: Path, layers: int) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from dpo_train.config import EMBEDDED_MODEL
-    from dpo_train.models import load_tokenizer
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=65536,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    """gpu_check's Qwen2-0.5B-shaped model, cut to `layers`, with the SmolLM2 tokenizer's vocabulary."""
+    from gpu_check import QWEN2_05B, make_qwen2_shaped
+    make_qwen2_shaped(out, dict(QWEN2_05B, num_hidden_layers=layers, vocab_size=49152, max_position_embeddings=65536))
 
 
 def make_pairs(length: int, out: Path) -> None:
