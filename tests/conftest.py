@@ -3,7 +3,9 @@ and a small preference set, all made locally in seconds (no hub, no downloads)."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import string
 
 import pytest
@@ -14,6 +16,21 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ["<unk>", "<pad>", "<s>", "<|im_start|>", "<|im_end|>"]
+
+
+@contextlib.contextmanager
+def cache_at(path):
+    """DPO_TRAIN_CACHE set to `path` inside, for an in-process run in a fixture wider than a test (where
+    monkeypatch cannot reach); the value it had (or its absence) is put back after."""
+    before = os.environ.get("DPO_TRAIN_CACHE")
+    os.environ["DPO_TRAIN_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DPO_TRAIN_CACHE"]
+        else:
+            os.environ["DPO_TRAIN_CACHE"] = before
 
 
 def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import cache_at
 from dpo_train.checkpoint import CheckpointError, complete_checkpoints
 from dpo_train.engines import EngineError
 from dpo_train.trainer import train
@@ -57,7 +58,7 @@ def run_command(cmd: list[str], env: dict, timeout: float) -> subprocess.Complet
 
 def launch(engine: str, config: Path, *overrides: str, fault: str = "", cache: Path, timeout: float = 600,
            check: bool = True, mixed_precision: str = "no", processes: int = 2) -> subprocess.CompletedProcess:
-    """`NUM_PROCESSES=2 scripts/launch.sh ENGINE CONFIG overrides...`, with DPO_TRAIN_FAULT injected by
+    """`NUM_PROCESSES=processes scripts/launch.sh ENGINE CONFIG overrides...`, with DPO_TRAIN_FAULT injected by
     tests/faults/sitecustomize.py."""
     env = {**os.environ, "NUM_PROCESSES": str(processes), "MAIN_PROCESS_PORT": str(free_port()), "DPO_TRAIN_CACHE": str(cache),
            "DPO_TRAIN_FAULT": fault, "MIXED_PRECISION": mixed_precision,
@@ -79,12 +80,9 @@ def runs(tmp_path_factory, tiny_model_dir, tiny_data):
     @functools.cache
     def baseline(variant: str) -> Path:
         out = root / f"one-{variant}"
-        os.environ["DPO_TRAIN_CACHE"] = str(root / f"cache-one-{variant}")
-        try:
+        with cache_at(root / f"cache-one-{variant}"):
             train(tiny_config(root, tiny_model_dir, tiny_data, *RUN, *VARIANTS[variant], "train.grad_accum_steps=2",
                               f"train.output_dir={out}"))
-        finally:
-            del os.environ["DPO_TRAIN_CACHE"]
         return out
 
     @functools.cache

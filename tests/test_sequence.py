@@ -3,7 +3,6 @@ the extras and, averaged over the processes as the engines average them, the gra
 one process; every packed family; the shares; the settings that cannot work refused in one line."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -147,7 +146,7 @@ def split_runs(tmp_path_factory):
     """A Llama with weights large enough to show a leak between spans (initializer_range 0.2), its config, and
     runs made once: one(variant, accumulation) in this process, split(engine, processes, variant) launched."""
     import functools
-    from conftest import arithmetic_pairs, write_jsonl
+    from conftest import arithmetic_pairs, cache_at, write_jsonl
     from test_trainer import tiny_config
     from dpo_train.trainer import train
     root = tmp_path_factory.mktemp("sequence")
@@ -160,12 +159,9 @@ def split_runs(tmp_path_factory):
     @functools.cache
     def one(variant: str, accumulation: int, *extra: str) -> Path:
         out = root / f"one-{variant}-{accumulation}-{len(extra)}"
-        os.environ["DPO_TRAIN_CACHE"] = str(root / f"cache-{out.name}")
-        try:
+        with cache_at(root / f"cache-{out.name}"):
             train(tiny_config(root, root / "model", data, *RUN, *VARIANTS[variant],
                               f"train.grad_accum_steps={accumulation}", f"train.output_dir={out}", *extra))
-        finally:
-            del os.environ["DPO_TRAIN_CACHE"]
         return out
 
     @functools.cache  # the resume test continues from the live run of the test before it

@@ -4,13 +4,13 @@ the packed layout, a run from Parquet image bytes with the processor in final/, 
 
 import json
 import math
-import os
 
 import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import cache_at
 from dpo_train.data import build_dataset
 from dpo_train.layouts import choose
 from dpo_train.logps import forward_sums
@@ -249,11 +249,8 @@ data: {{train: {root / 'train.jsonl'}, max_length: 128, max_prompt_length: 96}}
 train: {{output_dir: {root / 'one'}, per_device_batch_size: 2, learning_rate: 1e-4, max_steps: 2,
          eval_max_new_tokens: 0, seed: 0, collective_timeout: 60}}
 """)
-    os.environ["DPO_TRAIN_CACHE"] = str(root / "cache-one")
-    try:
+    with cache_at(root / "cache-one"):
         train(load_config(config, ["train.grad_accum_steps=2"]))
-    finally:
-        del os.environ["DPO_TRAIN_CACHE"]
     return root, config
 
 
