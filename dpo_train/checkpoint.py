@@ -18,6 +18,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate.utils import broadcast_object_list, gather_object
 from torch.distributed.checkpoint.api import CheckpointException
@@ -102,7 +103,8 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, config_yaml
     written_everywhere = not on_any_process(accelerator, error is not None)
     if accelerator.is_main_process and written_everywhere:
         try:
-            (tmp / STATE).write_text(json.dumps(state, indent=2))
+            # the thread count too: CPU matmuls split their sums by thread, so it is part of a bitwise resume
+            (tmp / STATE).write_text(json.dumps({**state, "torch_threads": torch.get_num_threads()}, indent=2))
             (tmp / "config.yaml").write_text(config_yaml)
             seal(tmp)
             move_into_place(tmp, final)
@@ -198,7 +200,8 @@ def resume_point(accelerator, output_dir: Path, resume: str | None, force: bool,
     choice = None
     if accelerator.is_main_process:
         try:
-            choice = _resume_point(output_dir, resume, force, config, fingerprint, accelerator.num_processes, log)
+            choice = _resume_point(output_dir, resume, force, config, fingerprint, accelerator.num_processes, log,
+                                   accelerator.device.type == "cpu")
         except CheckpointError as e:
             choice = e
     if accelerator.num_processes > 1:
@@ -208,7 +211,7 @@ def resume_point(accelerator, output_dir: Path, resume: str | None, force: bool,
     return choice
 
 
-def _resume_point(output_dir, resume, force, config, fingerprint, num_processes, log) -> Path | None:
+def _resume_point(output_dir, resume, force, config, fingerprint, num_processes, log, cpu) -> Path | None:
     start = find_resume_point(output_dir, resume, log)
     if start is None:
         if resume == "auto":
@@ -224,6 +227,11 @@ def _resume_point(output_dir, resume, force, config, fingerprint, num_processes,
     if written_by != num_processes:
         raise CheckpointError(f"{start}: written by {written_by} process(es); resume it with {written_by}, not "
                               f"{num_processes} (each process's data position, random state and shards are its own)")
+    threads, now = state.get("torch_threads"), torch.get_num_threads()
+    if cpu and threads not in (None, now):  # allowed (train.num_threads is safe to change), but said
+        log(f"note: {start} was written with {threads} torch thread(s) a process and this run has {now}: CPU sums "
+            f"split differently, so the resumed run may differ from an uninterrupted one by rounding, not bitwise "
+            f"(train.num_threads={threads} keeps it bitwise)")
     saved = yaml.safe_load((start / "config.yaml").read_text())
     differing = config_differences(saved, config)
     if state.get("data_fingerprint") not in (None, fingerprint) and "data.train" not in differing:

@@ -164,7 +164,7 @@ class TrainConfig:
     keep_last: int = setting(2, "complete checkpoints kept; older ones are deleted")
     eval_max_new_tokens: int = setting(32, "greedy tokens generated per eval prompt when eval rows carry an answer; "
                                            "0 turns it off")
-    num_threads: int = setting(0, "torch CPU threads; 0 keeps torch's default")
+    num_threads: int = setting(0, "torch CPU threads; 0 keeps torch's default (a resume is bitwise at the same count)")
     layout: Layout = setting("packed", "packed: all pairs in one padding-free row of [prompt | chosen | rejected] "
                                        "spans, each prompt encoded once; rows: one left-padded row per pair; "
                                        "padded: 2B right-padded rows. All give the same numbers")

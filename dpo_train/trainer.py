@@ -120,9 +120,9 @@ def setup(config: Config, accelerator, resume: str | None, force_resume: bool) -
         train_set, eval_set, eval_rows, data_stats = train_and_eval_sets(d, tokenizer, t.seed, vlm)
     images = "images" in train_set.column_names
     pairs_fingerprint = fingerprint(train_set) if accelerator.is_main_process else None  # the data actually used
-    start = resume_point(accelerator, out, resume, force_resume, config.to_dict(), pairs_fingerprint, log)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    start = resume_point(accelerator, out, resume, force_resume, config.to_dict(), pairs_fingerprint, log)
     set_seed(t.seed)
     if accelerator.is_main_process:
         log("Resolved config:\n" + yaml.safe_dump(config.to_dict(), sort_keys=False))

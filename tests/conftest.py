@@ -18,6 +18,20 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 SPECIALS = ["<unk>", "<pad>", "<s>", "<|im_start|>", "<|im_end|>"]
 
 
+TORCH_THREADS = torch.get_num_threads()  # what a fresh process (a child run, a worker) starts with
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_threads():
+    """Each test starts and ends with a fresh process's torch thread count. A test that sets it (the
+    parity scripts' --threads 1, a run's train.num_threads) would otherwise leave it to every later
+    in-process run, whose sums then split differently from a child process's: a bitwise comparison
+    between the two failed in CI (test_signals' SIGKILL during final/) after test_parity had run."""
+    torch.set_num_threads(TORCH_THREADS)
+    yield
+    torch.set_num_threads(TORCH_THREADS)
+
+
 @contextlib.contextmanager
 def cache_at(path):
     """DPO_TRAIN_CACHE set to `path` inside, for an in-process run in a fixture wider than a test (where

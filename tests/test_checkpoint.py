@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import TORCH_THREADS
 from dpo_train.checkpoint import (MARKER, CheckpointError, complete_checkpoints, config_differences, damage,
                                   find_resume_point, is_complete)
 from dpo_train.cli import app
@@ -150,9 +151,27 @@ def test_resume_past_a_damaged_checkpoint_is_bitwise_exact(tmp_path, full_run, t
     train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, "train.keep_last=3"), resume="auto")
     out = capsys.readouterr().out
     assert out.count("warning: skipping checkpoint") == 1 and f"Resumed from {run / 'checkpoints' / 'step-4'}" in out
+    assert "torch thread" not in out  # the same thread count as the run that wrote it: no note
     expected, got = final_weights(full_run / "run"), final_weights(run)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert damage(target.parent) is None
+
+
+def test_a_resume_with_another_thread_count_says_it_may_not_be_bitwise(tmp_path, full_run, tiny_model_dir, tiny_data,
+                                                                      capsys):
+    run = tmp_path / "run"
+    shutil.copytree(full_run / "run", run)
+    shutil.rmtree(run / "final")
+    written_with = json.loads((run / "checkpoints" / "step-6" / "trainer_state.json").read_text())["torch_threads"]
+    assert written_with == TORCH_THREADS
+    other = 1 if TORCH_THREADS > 1 else 2
+    train(tiny_config(tmp_path, tiny_model_dir, tiny_data, *RUN, "train.keep_last=3", f"train.num_threads={other}"),
+          resume="auto")
+    out = capsys.readouterr().out
+    assert (f"note: {run / 'checkpoints' / 'step-6'} was written with {TORCH_THREADS} torch thread(s) a process and "
+            f"this run has {other}: CPU sums split differently, so the resumed run may differ from an uninterrupted "
+            f"one by rounding, not bitwise (train.num_threads={TORCH_THREADS} keeps it bitwise)") in out
+    assert (run / "final" / "model.safetensors").is_file()  # allowed: only said
 
 
 def test_the_nan_stop_names_the_newest_checkpoint_that_verifies(tmp_path, tiny_model_dir, tiny_data, monkeypatch):
