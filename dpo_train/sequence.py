@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .router import text_config
+
 SHARE_KEY = "row_length"  # in a shared batch: the whole row's tokens, before padding to a multiple of N
 
 
@@ -85,7 +87,7 @@ def model_refusal(size: int, model, layout: str, images: bool, router_aux_coef: 
     if router_aux_coef:
         return (f"train.sequence_parallel: {size} with the MoE router loss (its token fractions are over the whole "
                 "row); set loss.router_aux_coef: 0 or train.sequence_parallel: 1")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     for name, count in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
