@@ -122,14 +122,19 @@ def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((got - expected).abs() / expected.abs().clamp(min=1e-6)).max())
 
 
-def layout_gradients(model, pairs: list[dict], layout: str) -> dict[str, torch.Tensor]:
-    """Gradients of one DPO loss (against a fixed reference offset) scored in `layout`."""
+def dpo_gradients(model, logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradients of one DPO loss (against a fixed reference offset) on (2B,) chosen-then-rejected log-probs."""
     from dpo_train.losses import dpo_loss
     model.zero_grad()
-    chosen, rejected = layout_logps(model, pairs, layout).chunk(2)
+    chosen, rejected = logps.chunk(2)
     losses, _, _ = dpo_loss(chosen, rejected, chosen.detach() + 0.3, rejected.detach() - 0.2, beta=0.1)
     losses.mean().backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def layout_gradients(model, pairs: list[dict], layout: str) -> dict[str, torch.Tensor]:
+    """Gradients of one DPO loss (against a fixed reference offset) scored in `layout`."""
+    return dpo_gradients(model, layout_logps(model, pairs, layout))
 
 
 def gradient_difference(got: dict, expected: dict) -> float:
